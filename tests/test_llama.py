@@ -1,0 +1,72 @@
+"""arkv_local.Llama is llama_cpp.Llama over our libllama: same results, clearer errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import arkv_local
+from arkv_local import arkv_cpp
+
+PROMPT = "The three most common uses of a hash map in a compiler are"
+COMMON = dict(n_ctx=512, n_threads=2, n_batch=64, seed=0, logits_all=True, verbose=False)
+
+
+def test_llama_cpp_is_bound_to_our_library() -> None:
+    loaded = Path(llama_cpp.llama_cpp._lib._name).resolve()
+    assert loaded.parent == arkv_cpp.LIB_DIR
+    assert arkv_cpp.llama_arkv_version().startswith(
+        f"arkv_local {arkv_local.__version__} (llama.cpp ".encode())
+
+
+def test_default_model_is_smollm2(smollm2: Path) -> None:
+    h = hashlib.sha256(smollm2.read_bytes()).hexdigest()
+    assert h == arkv_local.models.SMOLLM2.sha256
+    llm = arkv_local.Llama(n_ctx=64, verbose=False)
+    assert Path(llm.model_path) == smollm2
+    assert llm.metadata["general.architecture"] == "llama"
+
+
+def test_full_policy_matches_stock_llama_cpp(smollm2: Path) -> None:
+    ours = arkv_local.Llama(smollm2, kv_policy="full", **COMMON)
+    stock = llama_cpp.Llama(str(smollm2), **COMMON)
+    tokens = ours.tokenize(PROMPT.encode())
+    assert tokens == stock.tokenize(PROMPT.encode())
+    ours.eval(tokens)
+    stock.eval(tokens)
+    n = len(tokens)
+    assert np.isfinite(ours.scores[:n]).all()
+    np.testing.assert_array_equal(ours.scores[:n], stock.scores[:n])
+    a = ours(PROMPT, max_tokens=48, temperature=0)["choices"][0]["text"]
+    b = stock(PROMPT, max_tokens=48, temperature=0)["choices"][0]["text"]
+    assert a == b and len(a) > 20
+
+
+def test_missing_model_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model file not found: .*nope.gguf"):
+        arkv_local.Llama(tmp_path / "nope.gguf")
+
+
+def test_non_gguf_file_is_named(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.bin"
+    bogus.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(ValueError, match=r"model.bin is not a GGUF file .*b'PK\\x03\\x04'"):
+        arkv_local.Llama(bogus)
+
+
+def test_unknown_policy_is_named(smollm2: Path) -> None:
+    with pytest.raises(ValueError, match="unknown kv_policy 'lru': choose one of full"):
+        arkv_local.Llama(smollm2, kv_policy="lru")
+
+
+def test_from_pretrained_without_network_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match="could not fetch .*Q4_K_M.*without network"):
+        arkv_local.Llama.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+                                         "*Q4_K_M.gguf")
