@@ -100,7 +100,8 @@ def find_sdist(pin: Pin) -> Path:
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--no-build-isolation", "-d", tmp, f"{pin.package}=={pin.version}"]
-        print(f"arkv_local: fetching {pin.package} {pin.version} sdist from PyPI", flush=True)
+        print(f"arkv_local: fetching {pin.package} {pin.version} sdist from PyPI",
+              file=sys.stderr, flush=True)
         run = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / pin.sdist_name
         if run.returncode != 0 or not got.is_file():
