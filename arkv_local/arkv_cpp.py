@@ -62,3 +62,123 @@ ctypes_function = ctypes_function_for_shared_library(_lib)
 def llama_arkv_version() -> bytes:
     """Identifies a libllama built by arkv_local."""
     ...
+
+
+# struct llama_arkv_params {
+#     uint64_t       budget_bytes;
+#     uint32_t       n_o_init;
+#     enum ggml_type type_q;
+#     bool           rotate;
+#     uint32_t       n_score_queries;
+# };
+class llama_arkv_params(ctypes.Structure):
+    """Parameters of the tri-state KV memory (see llama-arkv.h)."""
+
+    _fields_ = [
+        ("budget_bytes", ctypes.c_uint64),
+        ("n_o_init", ctypes.c_uint32),
+        ("type_q", ctypes.c_int),
+        ("rotate", ctypes.c_bool),
+        ("n_score_queries", ctypes.c_uint32),
+    ]
+
+
+# struct llama_arkv_layer_info {
+#     uint32_t cap_o; uint32_t cap_q; uint32_t n_o; uint32_t n_q;
+#     uint64_t bytes_alloc; uint64_t bytes_used;
+# };
+class llama_arkv_layer_info(ctypes.Structure):
+    """One layer's pools: capacities, slots in use and bytes."""
+
+    _fields_ = [
+        ("cap_o", ctypes.c_uint32),
+        ("cap_q", ctypes.c_uint32),
+        ("n_o", ctypes.c_uint32),
+        ("n_q", ctypes.c_uint32),
+        ("bytes_alloc", ctypes.c_uint64),
+        ("bytes_used", ctypes.c_uint64),
+    ]
+
+
+# struct llama_arkv_layer_plan {
+#     uint32_t cap_o; uint32_t n_o; uint32_t n_q;
+#     const int32_t * o_src; const int32_t * q_src; const uint8_t * q_from_o;
+# };
+class llama_arkv_layer_plan(ctypes.Structure):
+    """One layer's next layout: the current rows each new slot takes, per KV head."""
+
+    _fields_ = [
+        ("cap_o", ctypes.c_uint32),
+        ("n_o", ctypes.c_uint32),
+        ("n_q", ctypes.c_uint32),
+        ("o_src", ctypes.POINTER(ctypes.c_int32)),
+        ("q_src", ctypes.POINTER(ctypes.c_int32)),
+        ("q_from_o", ctypes.POINTER(ctypes.c_uint8)),
+    ]
+
+
+_ctx_p = ctypes.c_void_p  # struct llama_context *
+_f32_p = ctypes.POINTER(ctypes.c_float)
+_i32_p = ctypes.POINTER(ctypes.c_int32)
+
+
+# LLAMA_API struct llama_arkv_params llama_arkv_default_params(void);
+@ctypes_function("llama_arkv_default_params", [], llama_arkv_params)
+def llama_arkv_default_params() -> llama_arkv_params: ...
+
+
+# LLAMA_API void llama_arkv_arm(const struct llama_arkv_params * params);
+@ctypes_function("llama_arkv_arm", [ctypes.POINTER(llama_arkv_params)], None)
+def llama_arkv_arm(params: ctypes._Pointer | None, /) -> None: ...
+
+
+# LLAMA_API const char * llama_arkv_last_error(void);
+@ctypes_function("llama_arkv_last_error", [], ctypes.c_char_p)
+def llama_arkv_last_error() -> bytes: ...
+
+
+# LLAMA_API int32_t llama_arkv_n_layer(const struct llama_context * ctx);
+@ctypes_function("llama_arkv_n_layer", [_ctx_p], ctypes.c_int32)
+def llama_arkv_n_layer(ctx: int, /) -> int: ...
+
+
+# LLAMA_API int32_t llama_arkv_n_head_kv(const struct llama_context * ctx);
+@ctypes_function("llama_arkv_n_head_kv", [_ctx_p], ctypes.c_int32)
+def llama_arkv_n_head_kv(ctx: int, /) -> int: ...
+
+
+# LLAMA_API int32_t llama_arkv_head_dim(const struct llama_context * ctx);
+@ctypes_function("llama_arkv_head_dim", [_ctx_p], ctypes.c_int32)
+def llama_arkv_head_dim(ctx: int, /) -> int: ...
+
+
+# LLAMA_API uint64_t llama_arkv_slot_bytes(const struct llama_context * ctx, bool quantized);
+@ctypes_function("llama_arkv_slot_bytes", [_ctx_p, ctypes.c_bool], ctypes.c_uint64)
+def llama_arkv_slot_bytes(ctx: int, quantized: bool, /) -> int: ...
+
+
+# LLAMA_API int32_t llama_arkv_free_slots(const struct llama_context * ctx);
+@ctypes_function("llama_arkv_free_slots", [_ctx_p], ctypes.c_int32)
+def llama_arkv_free_slots(ctx: int, /) -> int: ...
+
+
+# LLAMA_API void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_layer_info * out);
+@ctypes_function("llama_arkv_get_layers", [_ctx_p, ctypes.POINTER(llama_arkv_layer_info)], None)
+def llama_arkv_get_layers(ctx: int, out: ctypes.Array, /) -> None: ...
+
+
+# LLAMA_API void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_q);
+@ctypes_function("llama_arkv_get_positions", [_ctx_p, _i32_p, _i32_p], None)
+def llama_arkv_get_positions(ctx: int, pos_o: ctypes._Pointer, pos_q: ctypes._Pointer, /) -> None: ...
+
+
+# LLAMA_API uint32_t llama_arkv_get_scores(const struct llama_context * ctx,
+#         float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q);
+@ctypes_function("llama_arkv_get_scores", [_ctx_p, _f32_p, _f32_p, _f32_p, _f32_p], ctypes.c_uint32)
+def llama_arkv_get_scores(ctx: int, sum_o: ctypes._Pointer, sum_sq_o: ctypes._Pointer,
+                          sum_q: ctypes._Pointer, sum_sq_q: ctypes._Pointer, /) -> int: ...
+
+
+# LLAMA_API int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_arkv_layer_plan * plans);
+@ctypes_function("llama_arkv_submit_plan", [_ctx_p, ctypes.POINTER(llama_arkv_layer_plan)], ctypes.c_int32)
+def llama_arkv_submit_plan(ctx: int, plans: ctypes.Array, /) -> int: ...

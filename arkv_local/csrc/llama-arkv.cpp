@@ -1,13 +1,133 @@
 #include "llama-arkv.h"
 
+#include "llama-context.h"
+#include "llama-kv-cache-arkv.h"
+
+#include <mutex>
+#include <optional>
 #include <string>
 
 #ifndef ARKV_LOCAL_VERSION
 #define ARKV_LOCAL_VERSION "dev"
 #endif
 
+static std::mutex g_arkv_mutex;
+static std::optional<llama_arkv_params> g_arkv_armed;
+static thread_local std::string g_arkv_error;
+
 const char * llama_arkv_version(void) {
     static const std::string version =
         std::string("arkv_local ") + ARKV_LOCAL_VERSION + " (llama.cpp " + llama_version() + ")";
     return version.c_str();
+}
+
+struct llama_arkv_params llama_arkv_default_params(void) {
+    llama_arkv_params p;
+    p.budget_bytes    = 0;
+    p.n_o_init        = 0;
+    p.type_q          = GGML_TYPE_Q4_0;
+    p.rotate          = true;
+    p.n_score_queries = 32;
+    return p;
+}
+
+void llama_arkv_arm(const struct llama_arkv_params * params) {
+    std::lock_guard<std::mutex> lock(g_arkv_mutex);
+    if (params) {
+        g_arkv_armed = *params;
+    } else {
+        g_arkv_armed.reset();
+    }
+}
+
+bool llama_arkv_take_armed(llama_arkv_params * out) {
+    std::lock_guard<std::mutex> lock(g_arkv_mutex);
+    if (!g_arkv_armed) {
+        return false;
+    }
+    *out = *g_arkv_armed;
+    g_arkv_armed.reset();
+    return true;
+}
+
+void llama_arkv_set_error(const std::string & msg) {
+    g_arkv_error = msg;
+}
+
+const char * llama_arkv_last_error(void) {
+    return g_arkv_error.c_str();
+}
+
+static llama_kv_cache_arkv * arkv_of(const llama_context * ctx) {
+    return ctx ? dynamic_cast<llama_kv_cache_arkv *>(llama_get_memory(ctx)) : nullptr;
+}
+
+int32_t llama_arkv_n_layer(const struct llama_context * ctx) {
+    const auto * kv = arkv_of(ctx);
+    return kv ? (int32_t) kv->n_layer() : -1;
+}
+
+int32_t llama_arkv_n_head_kv(const struct llama_context * ctx) {
+    const auto * kv = arkv_of(ctx);
+    return kv ? (int32_t) kv->n_head_kv() : -1;
+}
+
+int32_t llama_arkv_head_dim(const struct llama_context * ctx) {
+    const auto * kv = arkv_of(ctx);
+    return kv ? (int32_t) kv->head_dim() : -1;
+}
+
+uint64_t llama_arkv_slot_bytes(const struct llama_context * ctx, bool quantized) {
+    const auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    return 2*(quantized ? kv->row_bytes_q() : kv->row_bytes_o());
+}
+
+int32_t llama_arkv_free_slots(const struct llama_context * ctx) {
+    const auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    int32_t res = INT32_MAX;
+    for (uint32_t i = 0; i < kv->n_layer(); ++i) {
+        const auto & l = kv->get_layer(i);
+        res = std::min<int32_t>(res, l.cap_o - l.n_o);
+    }
+    return res;
+}
+
+void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_layer_info * out) {
+    const auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    for (uint32_t i = 0; i < kv->n_layer(); ++i) {
+        out[i] = kv->layer_info(i);
+    }
+}
+
+void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_q) {
+    const auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    for (uint32_t i = 0; i < kv->n_layer(); ++i) {
+        const auto & l = kv->get_layer(i);
+        pos_o = std::copy(l.pos_o.begin(), l.pos_o.end(), pos_o);
+        pos_q = std::copy(l.pos_q.begin(), l.pos_q.end(), pos_q);
+    }
+}
+
+uint32_t llama_arkv_get_scores(const struct llama_context * ctx,
+                               float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q) {
+    auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    llama_synchronize(const_cast<llama_context *>(ctx));
+    kv->get_scores(sum_o, sum_sq_o, sum_q, sum_sq_q);
+    return kv->get_n_scored();
+}
+
+int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_arkv_layer_plan * plans) {
+    auto * kv = arkv_of(ctx);
+    if (!kv) {
+        llama_arkv_set_error("the context's KV memory is not ARKV");
+        return -1;
+    }
+    const std::string err = kv->submit_plan(plans);
+    llama_arkv_set_error(err);
+    return err.empty() ? 0 : -1;
 }

@@ -1,4 +1,8 @@
-// C API of arkv_local's additions to libllama (the tri-state KV memory lives beside it).
+// C API of arkv_local's additions to libllama: the tri-state (ARKV) KV memory.
+//
+// Arm the module, then create a context: its KV memory is ARKV instead of llama.cpp's cache.
+// Slots are per layer; arrays that cover all layers are laid out layer after layer, and within
+// a layer pool as [slot][kv head].
 #pragma once
 
 #include "llama.h"
@@ -9,6 +13,66 @@ extern "C" {
 
     // Identifies a libllama built by arkv_local: "arkv_local <version> (llama.cpp <build>)".
     LLAMA_API const char * llama_arkv_version(void);
+
+    struct llama_arkv_params {
+        uint64_t       budget_bytes;    // K+V bytes each layer may hold (O rows in f16, Q rows in type_q)
+        uint32_t       n_o_init;        // O slots per layer at creation; 0: the whole budget in f16
+        enum ggml_type type_q;          // Q pool type: GGML_TYPE_Q4_0 (default), Q4_1 or Q8_0
+        bool           rotate;          // Walsh-Hadamard rotation of K and V (both pools), as llama.cpp's quantized caches
+        uint32_t       n_score_queries; // last queries of each ubatch whose attention is accumulated (0: none)
+    };
+
+    struct llama_arkv_layer_info {
+        uint32_t cap_o;       // O slots (f16)
+        uint32_t cap_q;       // Q slots (type_q)
+        uint32_t n_o;         // O slots in use, in every KV head
+        uint32_t n_q;         // Q slots in use
+        uint64_t bytes_alloc; // K+V bytes the layer's pools own
+        uint64_t bytes_used;  // K+V bytes of the rows in use
+    };
+
+    // one layer's next layout: which current rows each new slot takes, per KV head
+    struct llama_arkv_layer_plan {
+        uint32_t        cap_o;    // O slots of the new layout (the rest of the layer's budget is Q)
+        uint32_t        n_o;      // O slots kept
+        uint32_t        n_q;      // Q slots after the plan
+        const int32_t * o_src;    // [n_o][n_head_kv]: current O slot of each new O slot
+        const int32_t * q_src;    // [n_q][n_head_kv]: current slot of each new Q slot ...
+        const uint8_t * q_from_o; // [n_q][n_head_kv]: ... in O (1: quantized now) or in Q (0: moved as is)
+    };
+
+    LLAMA_API struct llama_arkv_params llama_arkv_default_params(void);
+
+    // the next context created uses ARKV with these parameters (NULL disarms); taken by one context
+    LLAMA_API void llama_arkv_arm(const struct llama_arkv_params * params);
+
+    // why the last ARKV call failed (also a refused model), or ""
+    LLAMA_API const char * llama_arkv_last_error(void);
+
+    // the context's ARKV shape; -1 when its memory is not ARKV
+    LLAMA_API int32_t llama_arkv_n_layer  (const struct llama_context * ctx);
+    LLAMA_API int32_t llama_arkv_n_head_kv(const struct llama_context * ctx);
+    LLAMA_API int32_t llama_arkv_head_dim (const struct llama_context * ctx);
+
+    // bytes of one slot (K+V, all KV heads) in the O and in the Q pool
+    LLAMA_API uint64_t llama_arkv_slot_bytes(const struct llama_context * ctx, bool quantized);
+
+    // tokens that can be decoded before a plan must free O slots
+    LLAMA_API int32_t llama_arkv_free_slots(const struct llama_context * ctx);
+
+    LLAMA_API void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_layer_info * out);
+
+    // positions per slot (-1: free); pos_o holds cap_o*n_head_kv values per layer, pos_q cap_q*n_head_kv
+    LLAMA_API void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_q);
+
+    // attention mass and squared mass per slot since the last plan, laid out as positions;
+    // returns the number of queries accumulated (each summed over its GQA group of query heads)
+    LLAMA_API uint32_t llama_arkv_get_scores(const struct llama_context * ctx,
+                                             float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q);
+
+    // validate a plan (one entry per layer) and apply it before the next decode; 0 on success,
+    // -1 if it is refused (llama_arkv_last_error says why; nothing changes)
+    LLAMA_API int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_arkv_layer_plan * plans);
 
 #ifdef __cplusplus
 }

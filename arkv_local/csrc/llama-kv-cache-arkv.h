@@ -1,0 +1,255 @@
+// Tri-state KV memory (ARKV): every cached token, per layer and per KV head, is Original (f16),
+// Quantized (a 4-bit or 8-bit ggml block type) or Evicted.
+//
+// Per layer, K and V each own one byte arena of the layer's budget. The arena holds an f16 O pool
+// followed by a quantized Q pool, both token-major: one row of head_dim values per (slot, KV head),
+// [head_dim * n_head_kv, cap]. The O/Q split of an arena can change when a plan is applied.
+// A slot may hold different tokens in different heads; all heads of a layer hold equal counts.
+//
+// Attention reads, per layer, [Q rows dequantized to f16 | O rows] and runs the stock
+// build_attn_mha over them. New tokens are appended to O. Which tokens move O->Q or get evicted
+// is decided outside (a plan from Python), applied here as a get_rows/set_rows graph.
+
+#pragma once
+
+#include "llama-arkv.h"
+#include "llama-graph.h"
+#include "llama-memory.h"
+
+#include "ggml-cpp.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct llama_model;
+struct llama_cparams;
+struct llama_hparams;
+class llama_kv_cache_arkv_context;
+
+class llama_kv_cache_arkv : public llama_memory_i {
+public:
+    // per layer: pools (views into the arenas), host metadata and score accumulators
+    struct layer {
+        uint32_t il;        // layer index in the model
+
+        ggml_tensor * k_arena; // I8 [arena_bytes]
+        ggml_tensor * v_arena;
+
+        uint32_t cap_o = 0; // slots in the O pool
+        uint32_t cap_q = 0; // slots in the Q pool
+        uint32_t n_o   = 0; // slots in use (equal in all heads)
+        uint32_t n_q   = 0;
+
+        ggml_tensor * k_o = nullptr; // F16    [n_embd_gqa, cap_o], placed at k_arena + 0
+        ggml_tensor * v_o = nullptr;
+        ggml_tensor * k_q = nullptr; // type_q [n_embd_gqa, cap_q], placed after the O pool
+        ggml_tensor * v_q = nullptr;
+
+        // host: position of the token in (slot, head), -1 when free; [cap][n_head_kv]
+        std::vector<llama_pos> pos_o;
+        std::vector<llama_pos> pos_q;
+
+        // device: attention mass and squared mass per (slot, head) since the last plan
+        ggml_tensor * acc_o = nullptr; // F32 [n_head_kv, cap_o_max, 2]
+        ggml_tensor * acc_q = nullptr; // F32 [n_head_kv, cap_q_max, 2]
+    };
+
+    llama_kv_cache_arkv(const llama_model & model, const llama_cparams & cparams,
+                        const llama_arkv_params & params);
+    ~llama_kv_cache_arkv() override;
+
+    // why a model cannot be served (empty if it can)
+    static std::string unsupported_reason(const llama_model & model, const llama_cparams & cparams);
+
+    //
+    // llama_memory_i
+    //
+
+    llama_memory_context_ptr init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) override;
+    llama_memory_context_ptr init_full() override;
+    llama_memory_context_ptr init_update(llama_context * lctx, bool optimize) override;
+
+    bool get_can_shift() const override { return false; }
+
+    void clear(bool data) override;
+
+    bool seq_rm  (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1) override;
+    void seq_cp  (llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) override;
+    void seq_keep(llama_seq_id seq_id) override;
+    void seq_add (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1, llama_pos shift) override;
+    void seq_div (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1, int d) override;
+
+    llama_pos seq_pos_min(llama_seq_id seq_id) const override;
+    llama_pos seq_pos_max(llama_seq_id seq_id) const override;
+
+    std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const override;
+
+    void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
+    void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
+
+    //
+    // arkv API (behind the C API in llama-arkv.h)
+    //
+
+    const llama_arkv_params & get_params() const { return params; }
+    uint32_t n_layer()   const { return layers.size(); }
+    uint32_t n_head_kv() const { return n_head_kv_; }
+    uint32_t head_dim()  const { return head_dim_; }
+    const layer & get_layer(uint32_t i) const { return layers[i]; }
+
+    // slots one token costs in a pool, and what a layout with cap_o O slots leaves for Q
+    size_t   row_bytes_o() const;
+    size_t   row_bytes_q() const;
+    uint32_t cap_q_for(uint32_t cap_o) const;
+
+    llama_arkv_layer_info layer_info(uint32_t i) const;
+
+    // validate and queue a plan; it is applied by the next memory update (before the next decode)
+    // returns an empty string on success, else what is wrong (nothing is changed then)
+    std::string submit_plan(const llama_arkv_layer_plan * plans);
+    bool has_pending_plan() const { return !pending.empty(); }
+
+    // copy the score accumulators [cap][n_head_kv] per pool into host buffers (see llama-arkv.h)
+    void get_scores(float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q) const;
+    uint32_t get_n_scored() const { return n_scored; }
+
+    //
+    // graph_build API (used by llama_kv_cache_arkv_context and the graph hooks)
+    //
+
+    // the rows each layer attends over for a ubatch, and where its window sits in the shared mask
+    struct view {
+        uint32_t n_q     = 0; // Q rows read (exact: Q only changes with plans)
+        uint32_t n_o     = 0; // O rows in use after the ubatch is stored
+        uint32_t n_o_pad = 0; // O rows read (padded, for graph reuse)
+        uint32_t start   = 0; // first mask column of this layer
+    };
+    struct layout {
+        std::vector<view> views;  // [n_layer]
+        uint32_t n_old  = 0;      // mask columns before the new tokens (X)
+        uint32_t n_mask = 0;      // mask width
+        bool operator==(const layout & other) const;
+    };
+
+    layout make_layout(uint32_t n_tokens, bool worst_case) const;
+
+    // the stored rows for the current ubatch
+    void apply_ubatch(const llama_ubatch & ubatch);
+    bool can_fit(uint32_t n_tokens) const;
+
+    bool rotate_k() const { return rot_k; }
+    bool rotate_v() const { return rot_v; }
+
+    ggml_tensor * build_input_rot(ggml_context * ctx, int64_t n) const;
+
+    // store K/V of the current ubatch into O and return the f16 K/V each layer attends over,
+    // [head_dim, n_head_kv, n_kv]; accumulates scores for the last n_score_queries queries
+    void build_kv(llm_graph_context & gctx, class llm_graph_input_attn_kv_arkv * inp,
+                  ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale, int il,
+                  ggml_tensor ** k_out, ggml_tensor ** v_out) const;
+
+    // host inputs
+    void set_input_k_idxs(ggml_tensor * dst, const llama_ubatch * ubatch) const;
+    void set_input_kq_mask(ggml_tensor * dst, const llama_ubatch * ubatch, const layout & lay) const;
+    void set_input_rot(ggml_tensor * dst) const;
+
+    // the queries scored in the ubatch being built
+    void count_scored(uint32_t n) { n_scored += n; }
+
+private:
+    friend class llama_kv_cache_arkv_context;
+
+    struct layer_move; // a validated plan for one layer
+
+    const llama_model & model;
+    const llama_hparams & hparams;
+    const llama_arkv_params params;
+
+    uint32_t n_head_kv_ = 0;
+    uint32_t head_dim_  = 0;
+    size_t   arena_bytes = 0; // per layer, for K and for V each
+
+    bool rot_k = false;
+    bool rot_v = false;
+
+    std::vector<layer> layers;
+    std::vector<int32_t> map_layer_ids; // model layer -> index in layers, -1 if none
+
+    // the pool tensors (metadata only, placed into the arena buffers) and the arenas/accumulators
+    ggml_context_ptr ctx_pools;
+    std::vector<ggml_context_ptr> ctx_retired; // pool metadata of earlier layouts, until the next update
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+
+    llama_pos pos_max = -1;        // last position stored
+    llama_pos pos_planned_max = -1; // last position that was in the cache when a plan was applied
+    uint32_t n_scored = 0;         // queries accumulated since the last plan
+
+    std::vector<layer_move> pending;
+
+    void place_pools(ggml_context * ctx, layer & l, uint32_t cap_o);
+    bool apply_plan(llama_context * lctx);
+    void reset_scores();
+
+    llama_pos pos_min_slow() const;
+};
+
+// the attention input when the memory is ours: idxs of new rows, the shared mask, rotations
+class llm_graph_input_attn_kv_arkv : public llm_graph_input_attn_kv {
+public:
+    llm_graph_input_attn_kv_arkv(const llama_hparams & hparams, const llama_cparams & cparams,
+                                 const llama_kv_cache_arkv_context * mctx_arkv) :
+        llm_graph_input_attn_kv(hparams, cparams, nullptr), mctx_arkv(mctx_arkv) {}
+
+    void set_input(const llama_ubatch * ubatch) override;
+    bool can_reuse(const llm_graph_params & params) override;
+
+    ggml_tensor * q_arange = nullptr; // I32 [max n_q]: 0, 1, ... (get_rows dequantizes Q rows)
+
+    llama_kv_cache_arkv::layout lay; // what the graph was built for
+
+    const llama_kv_cache_arkv_context * mctx_arkv;
+};
+
+class llama_kv_cache_arkv_context : public llama_memory_context_i {
+public:
+    // error / no update
+    explicit llama_kv_cache_arkv_context(llama_memory_status status);
+    // full: worst-case graph for reservation
+    explicit llama_kv_cache_arkv_context(llama_kv_cache_arkv * kv);
+    // update: apply the pending plan
+    llama_kv_cache_arkv_context(llama_kv_cache_arkv * kv, llama_context * lctx);
+    // batch
+    llama_kv_cache_arkv_context(llama_kv_cache_arkv * kv, std::vector<llama_ubatch> ubatches);
+
+    bool next() override;
+    bool apply() override;
+    const llama_ubatch & get_ubatch() const override;
+    llama_memory_status get_status() const override { return status; }
+
+    llama_kv_cache_arkv * get_kv() const { return kv; }
+    const llama_kv_cache_arkv::layout & get_layout() const { return lay; }
+
+private:
+    llama_memory_status status;
+    llama_kv_cache_arkv * kv = nullptr;
+    llama_context * lctx = nullptr;
+    bool is_full = false;
+
+    size_t i_cur = 0;
+    std::vector<llama_ubatch> ubatches;
+    llama_kv_cache_arkv::layout lay;
+};
+
+// graph hooks, called from llama-graph.cpp (see patches/)
+llm_graph_input_attn_kv * llama_arkv_build_attn_inp(const llm_graph_context & gctx);
+void llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_attn_kv * inp,
+                              ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                              float kq_scale, int il, ggml_tensor ** k, ggml_tensor ** v);
+
+// model hook, called from llama_model::create_memory: nullptr when ARKV is not armed
+llama_memory_i * llama_arkv_create_memory(const llama_model & model, const llama_cparams & cparams);
+
+// the parameters armed by llama_arkv_arm(), taken once (llama-arkv.cpp)
+bool llama_arkv_take_armed(llama_arkv_params * out);
+void llama_arkv_set_error(const std::string & msg);

@@ -1,0 +1,159 @@
+"""Python view of a context's tri-state KV memory: numpy statistics out, plans in.
+
+The mechanism lives in C++ (arkv_local/csrc); this module only moves arrays across ctypes,
+so that policies never touch ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import arkv_cpp
+
+QUANT_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # ggml_type values
+
+
+@dataclass(frozen=True)
+class MemoryParams:
+    """What the memory is created with (llama_arkv_params)."""
+
+    budget_bytes: int  # K+V bytes per layer
+    n_o_init: int = 0  # O slots per layer at creation; 0: the whole budget in f16
+    quant: str = "q4_0"
+    rotate: bool = True
+    n_score_queries: int = 32
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
+        if self.quant not in QUANT_TYPES:
+            raise ValueError(f"unknown quant type {self.quant!r}: choose one of {', '.join(QUANT_TYPES)}")
+        if self.n_o_init < 0 or self.n_score_queries < 0:
+            raise ValueError("n_o_init and n_score_queries must be >= 0")
+
+    def arm(self) -> None:
+        """Make the next llama context created use this memory."""
+        p = arkv_cpp.llama_arkv_params(self.budget_bytes, self.n_o_init, QUANT_TYPES[self.quant],
+                                       self.rotate, self.n_score_queries)
+        arkv_cpp.llama_arkv_arm(ctypes.byref(p))
+
+
+def disarm() -> None:
+    arkv_cpp.llama_arkv_arm(None)
+
+
+def last_error() -> str:
+    return arkv_cpp.llama_arkv_last_error().decode()
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer's pools: capacities and slots in use (equal in every KV head), and bytes."""
+
+    cap_o: int
+    cap_q: int
+    n_o: int
+    n_q: int
+    bytes_alloc: int
+    bytes_used: int
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Attention mass per slot since the last plan, summed over `n_queries` queries, each
+    summed over its GQA group; per layer arrays shaped (cap, n_head_kv)."""
+
+    n_queries: int
+    sum_o: list[np.ndarray]
+    sum_sq_o: list[np.ndarray]
+    sum_q: list[np.ndarray]
+    sum_sq_q: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's next layout. Row i of o_src (n_o, n_head_kv) names, per head, the current O
+    slot that new O slot i takes; q_src (n_q, n_head_kv) the current slot of new Q slot i, in O
+    where q_from_o is True (quantized now), else in Q (moved as is)."""
+
+    cap_o: int
+    o_src: np.ndarray
+    q_src: np.ndarray
+    q_from_o: np.ndarray
+
+
+class TriStateKV:
+    """The tri-state KV memory of one llama context (a `llama_context *` as int)."""
+
+    def __init__(self, ctx: int) -> None:
+        self.ctx = ctx
+        self.n_layer = arkv_cpp.llama_arkv_n_layer(ctx)
+        if self.n_layer < 0:
+            raise ValueError("this llama context's KV memory is not the tri-state (ARKV) memory")
+        self.n_head_kv = arkv_cpp.llama_arkv_n_head_kv(ctx)
+        self.head_dim = arkv_cpp.llama_arkv_head_dim(ctx)
+        self.slot_bytes_o = arkv_cpp.llama_arkv_slot_bytes(ctx, False)
+        self.slot_bytes_q = arkv_cpp.llama_arkv_slot_bytes(ctx, True)
+
+    def layers(self) -> list[LayerInfo]:
+        out = (arkv_cpp.llama_arkv_layer_info * self.n_layer)()
+        arkv_cpp.llama_arkv_get_layers(self.ctx, out)
+        return [LayerInfo(i.cap_o, i.cap_q, i.n_o, i.n_q, i.bytes_alloc, i.bytes_used) for i in out]
+
+    def free_slots(self) -> int:
+        """Tokens that can be decoded before a plan must free O slots."""
+        return arkv_cpp.llama_arkv_free_slots(self.ctx)
+
+    def _split(self, flat: np.ndarray, infos: list[LayerInfo], pool: str) -> list[np.ndarray]:
+        sizes = [getattr(i, f"cap_{pool}") * self.n_head_kv for i in infos]
+        parts = np.split(flat, np.cumsum(sizes)[:-1])
+        return [p.reshape(-1, self.n_head_kv) for p in parts]
+
+    def _buffers(self, infos: list[LayerInfo], dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        n_o = sum(i.cap_o for i in infos) * self.n_head_kv
+        n_q = sum(i.cap_q for i in infos) * self.n_head_kv
+        return np.empty(n_o, dtype), np.empty(n_q, dtype)
+
+    def positions(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per layer, the position held by each (slot, head) of O and of Q; -1 where free."""
+        infos = self.layers()
+        o, q = self._buffers(infos, np.int32)
+        arkv_cpp.llama_arkv_get_positions(self.ctx, _ptr(o, ctypes.c_int32), _ptr(q, ctypes.c_int32))
+        return self._split(o, infos, "o"), self._split(q, infos, "q")
+
+    def scores(self) -> Scores:
+        infos = self.layers()
+        so, qo = self._buffers(infos, np.float32)
+        sq, qq = self._buffers(infos, np.float32)
+        f = ctypes.c_float
+        n = arkv_cpp.llama_arkv_get_scores(self.ctx, _ptr(so, f), _ptr(qo, f), _ptr(sq, f), _ptr(qq, f))
+        return Scores(n, self._split(so, infos, "o"), self._split(qo, infos, "o"),
+                      self._split(sq, infos, "q"), self._split(qq, infos, "q"))
+
+    def submit(self, plan: list[LayerPlan]) -> None:
+        """Queue a plan (one entry per layer); it is applied before the next decode.
+        Raises ValueError naming the problem, before anything changes."""
+        if len(plan) != self.n_layer:
+            raise ValueError(f"a plan needs one entry per layer ({self.n_layer}), got {len(plan)}")
+        keep = []
+        structs = (arkv_cpp.llama_arkv_layer_plan * self.n_layer)()
+        for s, p in zip(structs, plan, strict=True):
+            o_src = np.ascontiguousarray(p.o_src, np.int32).reshape(-1, self.n_head_kv)
+            q_src = np.ascontiguousarray(p.q_src, np.int32).reshape(-1, self.n_head_kv)
+            q_from_o = np.ascontiguousarray(p.q_from_o, np.uint8).reshape(-1, self.n_head_kv)
+            if q_src.shape != q_from_o.shape:
+                raise ValueError(f"q_src {q_src.shape} and q_from_o {q_from_o.shape} differ in shape")
+            keep += [o_src, q_src, q_from_o]
+            s.cap_o, s.n_o, s.n_q = p.cap_o, len(o_src), len(q_src)
+            s.o_src = _ptr(o_src, ctypes.c_int32)
+            s.q_src = _ptr(q_src, ctypes.c_int32)
+            s.q_from_o = _ptr(q_from_o, ctypes.c_uint8)
+        if arkv_cpp.llama_arkv_submit_plan(self.ctx, structs) != 0:
+            raise ValueError(f"plan refused: {last_error()}")
+
+
+def _ptr(a: np.ndarray, ctype: type) -> ctypes._Pointer:
+    return a.ctypes.data_as(ctypes.POINTER(ctype))
