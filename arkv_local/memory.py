@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+import llama_cpp
 import numpy as np
 
 from . import arkv_cpp
@@ -30,19 +31,41 @@ class MemoryParams:
         if self.budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
         if self.quant not in QUANT_TYPES:
-            raise ValueError(f"unknown quant type {self.quant!r}: choose one of {', '.join(QUANT_TYPES)}")
+            raise ValueError(
+                f"unknown quant type {self.quant!r}: choose one of {', '.join(QUANT_TYPES)}"
+            )
         if self.n_o_init < 0 or self.n_score_queries < 0:
             raise ValueError("n_o_init and n_score_queries must be >= 0")
 
     def arm(self) -> None:
         """Make the next llama context created use this memory."""
-        p = arkv_cpp.llama_arkv_params(self.budget_bytes, self.n_o_init, QUANT_TYPES[self.quant],
-                                       self.rotate, self.n_score_queries)
+        p = arkv_cpp.llama_arkv_params(
+            self.budget_bytes,
+            self.n_o_init,
+            QUANT_TYPES[self.quant],
+            self.rotate,
+            self.n_score_queries,
+        )
         arkv_cpp.llama_arkv_arm(ctypes.byref(p))
 
 
 def disarm() -> None:
     arkv_cpp.llama_arkv_arm(None)
+
+
+def open_llama(model_path: str, params: MemoryParams, **kwargs: object) -> llama_cpp.Llama:
+    """A llama_cpp.Llama whose context uses the tri-state memory; a model or setting it
+    cannot serve raises ValueError with the reason."""
+    params.arm()
+    try:
+        return llama_cpp.Llama(model_path, **kwargs)  # type: ignore[arg-type]
+    except ValueError as e:
+        reason = last_error()
+        raise ValueError(
+            f"cannot use the tri-state KV memory: {reason}" if reason else str(e)
+        ) from e
+    finally:
+        disarm()
 
 
 def last_error() -> str:
@@ -121,7 +144,9 @@ class TriStateKV:
         """Per layer, the position held by each (slot, head) of O and of Q; -1 where free."""
         infos = self.layers()
         o, q = self._buffers(infos, np.int32)
-        arkv_cpp.llama_arkv_get_positions(self.ctx, _ptr(o, ctypes.c_int32), _ptr(q, ctypes.c_int32))
+        arkv_cpp.llama_arkv_get_positions(
+            self.ctx, _ptr(o, ctypes.c_int32), _ptr(q, ctypes.c_int32)
+        )
         return self._split(o, infos, "o"), self._split(q, infos, "q")
 
     def scores(self) -> Scores:
@@ -129,9 +154,16 @@ class TriStateKV:
         so, qo = self._buffers(infos, np.float32)
         sq, qq = self._buffers(infos, np.float32)
         f = ctypes.c_float
-        n = arkv_cpp.llama_arkv_get_scores(self.ctx, _ptr(so, f), _ptr(qo, f), _ptr(sq, f), _ptr(qq, f))
-        return Scores(n, self._split(so, infos, "o"), self._split(qo, infos, "o"),
-                      self._split(sq, infos, "q"), self._split(qq, infos, "q"))
+        n = arkv_cpp.llama_arkv_get_scores(
+            self.ctx, _ptr(so, f), _ptr(qo, f), _ptr(sq, f), _ptr(qq, f)
+        )
+        return Scores(
+            n,
+            self._split(so, infos, "o"),
+            self._split(qo, infos, "o"),
+            self._split(sq, infos, "q"),
+            self._split(qq, infos, "q"),
+        )
 
     def submit(self, plan: list[LayerPlan]) -> None:
         """Queue a plan (one entry per layer); it is applied before the next decode.
@@ -145,7 +177,9 @@ class TriStateKV:
             q_src = np.ascontiguousarray(p.q_src, np.int32).reshape(-1, self.n_head_kv)
             q_from_o = np.ascontiguousarray(p.q_from_o, np.uint8).reshape(-1, self.n_head_kv)
             if q_src.shape != q_from_o.shape:
-                raise ValueError(f"q_src {q_src.shape} and q_from_o {q_from_o.shape} differ in shape")
+                raise ValueError(
+                    f"q_src {q_src.shape} and q_from_o {q_from_o.shape} differ in shape"
+                )
             keep += [o_src, q_src, q_from_o]
             s.cap_o, s.n_o, s.n_q = p.cap_o, len(o_src), len(q_src)
             s.o_src = _ptr(o_src, ctypes.c_int32)

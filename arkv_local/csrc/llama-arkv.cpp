@@ -33,6 +33,7 @@ struct llama_arkv_params llama_arkv_default_params(void) {
 
 void llama_arkv_arm(const struct llama_arkv_params * params) {
     std::lock_guard<std::mutex> lock(g_arkv_mutex);
+    g_arkv_error.clear();
     if (params) {
         g_arkv_armed = *params;
     } else {

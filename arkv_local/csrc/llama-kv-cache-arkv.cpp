@@ -482,12 +482,14 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
     ggml_init_params ip = { size_t(4u*layers.size()*ggml_tensor_overhead()), nullptr, true };
     ggml_context_ptr ctx_new(ggml_init(ip));
 
+    // our own graph: a plan moves up to 6 pools per layer, more nodes than the reserve graph holds
+    const size_t n_nodes = 48*layers.size() + 16;
+    ggml_init_params gp = { n_nodes*ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
+    ggml_context_ptr ctx_graph(ggml_init(gp));
+    ggml_context * ctx = ctx_graph.get();
+    ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, n_nodes, false);
     auto * sched = lctx->get_sched();
     ggml_backend_sched_reset(sched);
-    auto * res = lctx->get_gf_res_reserve();
-    res->reset();
-    ggml_context * ctx = res->get_ctx();
-    ggml_cgraph  * gf  = res->get_gf();
 
     struct idx_input {
         ggml_tensor * t;
@@ -495,6 +497,9 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
     };
     std::vector<idx_input> inputs;
     auto make_idx = [&](ggml_type type, std::vector<int64_t> data) -> ggml_tensor * {
+        if (data.empty()) {
+            return nullptr;
+        }
         ggml_tensor * t = ggml_new_tensor_1d(ctx, type, data.size());
         ggml_set_input(t);
         inputs.push_back({t, std::move(data)});
@@ -528,27 +533,33 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
             }
         }
 
+        // K and V move the same rows: one set of index inputs for both
+        ggml_tensor * i_o_keep = make_idx(GGML_TYPE_I32, std::move(o_keep));
+        ggml_tensor * i_o_dst  = make_idx(GGML_TYPE_I64, std::move(o_dst));
+        ggml_tensor * i_qo_src = make_idx(GGML_TYPE_I32, std::move(qo_src));
+        ggml_tensor * i_qo_dst = make_idx(GGML_TYPE_I64, std::move(qo_dst));
+        ggml_tensor * i_qq_src = make_idx(GGML_TYPE_I32, std::move(qq_src));
+        ggml_tensor * i_qq_dst = make_idx(GGML_TYPE_I64, std::move(qq_dst));
+
         for (int kv = 0; kv < 2; ++kv) {
             ggml_tensor * old_o = kv == 0 ? lo.k_o : lo.v_o;
             ggml_tensor * old_q = kv == 0 ? lo.k_q : lo.v_q;
             ggml_tensor * new_o = kv == 0 ? ln.k_o : ln.v_o;
             ggml_tensor * new_q = kv == 0 ? ln.k_q : ln.v_q;
-            ggml_tensor * rows_old_o = ggml_reshape_2d(ctx, old_o, D, (int64_t) H*lo.cap_o);
-            ggml_tensor * rows_old_q = old_q ? ggml_reshape_2d(ctx, old_q, D, (int64_t) H*lo.cap_q) : nullptr;
 
-            auto move = [&](ggml_tensor * rows_src, const std::vector<int64_t> & src, ggml_tensor * dst_pool, uint32_t cap,
-                            const std::vector<int64_t> & dst) {
-                if (src.empty()) {
+            // pools viewed as rows of one head: [D, H*cap]
+            auto rows = [&](ggml_tensor * pool) { return ggml_reshape_2d(ctx, pool, D, ggml_nelements(pool)/D); };
+            auto move = [&](ggml_tensor * src_pool, ggml_tensor * src_idx, ggml_tensor * dst_pool, ggml_tensor * dst_idx) {
+                if (!src_idx) {
                     return;
                 }
-                ggml_tensor * g = ggml_get_rows(ctx, rows_src, make_idx(GGML_TYPE_I32, src)); // F32 [D, n]
+                ggml_tensor * g = ggml_get_rows(ctx, rows(src_pool), src_idx); // F32 [D, n]
                 gathers.push_back(g);
-                ggml_tensor * rows_dst = ggml_reshape_2d(ctx, dst_pool, D, (int64_t) H*cap);
-                scatters.emplace_back(g, ggml_set_rows(ctx, rows_dst, g, make_idx(GGML_TYPE_I64, dst)));
+                scatters.emplace_back(g, ggml_set_rows(ctx, rows(dst_pool), g, dst_idx));
             };
-            move(rows_old_o, o_keep, new_o, ln.cap_o, o_dst);
-            move(rows_old_o, qo_src, new_q, ln.cap_q, qo_dst);
-            move(rows_old_q, qq_src, new_q, ln.cap_q, qq_dst);
+            move(old_o, i_o_keep, new_o, i_o_dst);
+            move(old_o, i_qo_src, new_q, i_qo_dst);
+            move(old_q, i_qq_src, new_q, i_qq_dst);
         }
 
         // host metadata follows the rows
@@ -1032,6 +1043,11 @@ void llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_at
                               float kq_scale, int il, ggml_tensor ** k, ggml_tensor ** v) {
     auto * ia = static_cast<llm_graph_input_attn_kv_arkv *>(inp);
     ia->mctx_arkv->get_kv()->build_kv(const_cast<llm_graph_context &>(gctx), ia, q_cur, k_cur, v_cur, kq_scale, il, k, v);
+}
+
+uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem) {
+    const auto * kv = dynamic_cast<const llama_kv_cache_arkv *>(mem);
+    return kv ? 64*kv->n_layer() : 0; // store, dequant + concat, mask window, scores: ~50 per layer
 }
 
 llama_memory_i * llama_arkv_create_memory(const llama_model & model, const llama_cparams & cparams) {

@@ -247,6 +247,9 @@ void llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_at
                               ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
                               float kq_scale, int il, ggml_tensor ** k, ggml_tensor ** v);
 
+// context hook: graph nodes the memory adds to the model's graph (0 if it is not ARKV)
+uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem);
+
 // model hook, called from llama_model::create_memory: nullptr when ARKV is not armed
 llama_memory_i * llama_arkv_create_memory(const llama_model & model, const llama_cparams & cparams);
 
