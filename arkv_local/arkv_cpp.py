@@ -182,3 +182,13 @@ def llama_arkv_get_scores(ctx: int, sum_o: ctypes._Pointer, sum_sq_o: ctypes._Po
 # LLAMA_API int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_arkv_layer_plan * plans);
 @ctypes_function("llama_arkv_submit_plan", [_ctx_p, ctypes.POINTER(llama_arkv_layer_plan)], ctypes.c_int32)
 def llama_arkv_submit_plan(ctx: int, plans: ctypes.Array, /) -> int: ...
+
+
+# LLAMA_API void llama_arkv_request_stats(struct llama_context * ctx);
+@ctypes_function("llama_arkv_request_stats", [_ctx_p], None)
+def llama_arkv_request_stats(ctx: int, /) -> None: ...
+
+
+# LLAMA_API bool llama_arkv_get_stats(const struct llama_context * ctx, float * out);
+@ctypes_function("llama_arkv_get_stats", [_ctx_p, _f32_p], ctypes.c_bool)
+def llama_arkv_get_stats(ctx: int, out: ctypes._Pointer, /) -> bool: ...

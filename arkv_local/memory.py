@@ -165,6 +165,16 @@ class TriStateKV:
             self._split(qq, infos, "q"),
         )
 
+    def request_stats(self) -> None:
+        """Measure ARKV's prefill statistics on the last ubatch of the next decode."""
+        arkv_cpp.llama_arkv_request_stats(self.ctx)
+
+    def stats(self) -> np.ndarray | None:
+        """Per layer (entropy, variance, kurtosis) of the observation window's attention to
+        the keys before it, shape (n_layer, 3); None if not measured since the request."""
+        out = np.zeros((self.n_layer, 3), np.float32)
+        return out if arkv_cpp.llama_arkv_get_stats(self.ctx, _ptr(out, ctypes.c_float)) else None
+
     def submit(self, plan: list[LayerPlan]) -> None:
         """Queue a plan (one entry per layer); it is applied before the next decode.
         Raises ValueError naming the problem, before anything changes."""

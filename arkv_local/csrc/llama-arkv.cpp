@@ -132,3 +132,16 @@ int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_ar
     llama_arkv_set_error(err);
     return err.empty() ? 0 : -1;
 }
+
+void llama_arkv_request_stats(struct llama_context * ctx) {
+    auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    kv->request_stats();
+}
+
+bool llama_arkv_get_stats(const struct llama_context * ctx, float * out) {
+    auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    llama_synchronize(const_cast<llama_context *>(ctx));
+    return kv->get_stats(out);
+}

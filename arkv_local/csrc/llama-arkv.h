@@ -70,6 +70,13 @@ extern "C" {
     LLAMA_API uint32_t llama_arkv_get_scores(const struct llama_context * ctx,
                                              float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q);
 
+    // the next decode's last ubatch measures, per layer, the entropy, variance and kurtosis of the
+    // attention of its last n_score_queries queries (ARKV's observation window) to the keys before them
+    LLAMA_API void llama_arkv_request_stats(struct llama_context * ctx);
+
+    // per layer [entropy, variance, kurtosis] into out[n_layer*3]; false if not measured since the request
+    LLAMA_API bool llama_arkv_get_stats(const struct llama_context * ctx, float * out);
+
     // validate a plan (one entry per layer) and apply it before the next decode; 0 on success,
     // -1 if it is refused (llama_arkv_last_error says why; nothing changes)
     LLAMA_API int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_arkv_layer_plan * plans);

@@ -16,7 +16,8 @@
 
 // ggml ops used, all available on CPU, CUDA and Metal:
 //   set_rows (F32 -> F16 / Q4_0 / Q4_1 / Q8_0), get_rows (F16 / quant -> F32, I32 idxs),
-//   cast (F32 -> F16), concat (F16), cont, mul_mat, soft_max_ext, sqr, sum_rows, add, cpy (F32)
+//   cast (F32 -> F16), concat (F16, F32), cont, mul_mat, soft_max_ext, sqr, sum_rows, sum, add, sub, mul,
+//   div, scale, scale_bias, log, clamp, cpy (F32)
 
 static constexpr uint32_t ARKV_N_KV_PAD = 256; // O rows read are padded so graphs can be reused
 
@@ -123,7 +124,7 @@ llama_kv_cache_arkv::llama_kv_cache_arkv(const llama_model & model, const llama_
     auto ctx_for_buft = [&](ggml_backend_buffer_type_t buft) -> ggml_context * {
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
-            ggml_init_params ip = { size_t(4u*hparams.n_layer()*ggml_tensor_overhead()), nullptr, true };
+            ggml_init_params ip = { size_t(8u*hparams.n_layer()*ggml_tensor_overhead()), nullptr, true }; // 5 per layer
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(ip))).first;
         }
         return it->second.get();
@@ -143,10 +144,12 @@ llama_kv_cache_arkv::llama_kv_cache_arkv(const llama_model & model, const llama_
         l.v_arena = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, arena_bytes);
         l.acc_o   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_head_kv_, cap_o_max, 2);
         l.acc_q   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_head_kv_, std::max<uint32_t>(cap_q_max, 1), 2);
+        l.stats   = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 3);
         ggml_format_name(l.k_arena, "arkv_k_l%d", il);
         ggml_format_name(l.v_arena, "arkv_v_l%d", il);
         ggml_format_name(l.acc_o, "arkv_acc_o_l%d", il);
         ggml_format_name(l.acc_q, "arkv_acc_q_l%d", il);
+        ggml_format_name(l.stats, "arkv_stats_l%d", il);
 
         map_layer_ids[il] = layers.size();
         layers.push_back(std::move(l));
@@ -287,6 +290,7 @@ void llama_kv_cache_arkv::clear(bool data) {
     pos_max = -1;
     pos_planned_max = -1;
     pending.clear();
+    stats_valid = false;
     reset_scores();
     if (data) {
         for (auto & [ctx, buf] : ctxs_bufs) {
@@ -634,12 +638,27 @@ void llama_kv_cache_arkv::get_scores(float * sum_o, float * sum_sq_o, float * su
     }
 }
 
+void llama_kv_cache_arkv::request_stats() {
+    for (auto & l : layers) {
+        ggml_backend_tensor_memset(l.stats, 0, 0, ggml_nbytes(l.stats)); // stays 0 without keys before the window
+    }
+    want_stats  = true;
+    stats_valid = false;
+}
+
+bool llama_kv_cache_arkv::get_stats(float * out) const {
+    for (size_t i = 0; i < layers.size(); ++i) {
+        ggml_backend_tensor_get(layers[i].stats, out + 3*i, 0, 3*sizeof(float));
+    }
+    return stats_valid;
+}
+
 //
 // graph
 //
 
 bool llama_kv_cache_arkv::layout::operator==(const layout & other) const {
-    if (n_old != other.n_old || n_mask != other.n_mask || views.size() != other.views.size()) {
+    if (n_old != other.n_old || n_mask != other.n_mask || stats != other.stats || views.size() != other.views.size()) {
         return false;
     }
     for (size_t i = 0; i < views.size(); ++i) {
@@ -753,6 +772,32 @@ void llama_kv_cache_arkv::set_input_kq_mask(ggml_tensor * dst, const llama_ubatc
     }
 }
 
+// ARKV's prefill statistics of one layer, from p [n_kv, n_sel, n_head] (the observation window's
+// attention) restricted to the n_nw keys before the window, which lead every layer's key order:
+// entropy -sum p log(p + 1e-10); variance sum over heads and keys of the variance over queries;
+// kurtosis sum over heads and keys of m4 / max(m2, eps)^2 (Pearson, moments over queries)
+void llama_kv_cache_arkv::build_stats(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, ggml_tensor * p,
+                                      int64_t n_nw) const {
+    if (n_nw <= 0) {
+        return;
+    }
+    const int64_t n_sel  = p->ne[1];
+    const int64_t n_head = p->ne[2];
+    ggml_tensor * pw = ggml_cont(ctx0, ggml_view_3d(ctx0, p, n_nw, n_sel, n_head, p->nb[1], p->nb[2], 0));
+    ggml_tensor * ent = ggml_scale(ctx0, ggml_sum(ctx0, ggml_mul(ctx0, pw, ggml_log(ctx0, ggml_scale_bias(ctx0, pw, 1.0f, 1e-10f)))), -1.0f);
+
+    ggml_tensor * pt   = ggml_cont(ctx0, ggml_permute(ctx0, pw, 1, 0, 2, 3));       // [n_sel, n_nw, n_head]
+    ggml_tensor * mean = ggml_scale(ctx0, ggml_sum_rows(ctx0, pt), 1.0f/n_sel);     // [1, n_nw, n_head]
+    ggml_tensor * d2   = ggml_sqr(ctx0, ggml_sub(ctx0, pt, mean));
+    ggml_tensor * m2   = ggml_scale(ctx0, ggml_sum_rows(ctx0, d2), 1.0f/n_sel);
+    ggml_tensor * m4   = ggml_scale(ctx0, ggml_sum_rows(ctx0, ggml_sqr(ctx0, d2)), 1.0f/n_sel);
+    ggml_tensor * var  = ggml_sum(ctx0, m2);
+    ggml_tensor * kur  = ggml_sum(ctx0, ggml_div(ctx0, m4, ggml_sqr(ctx0, ggml_clamp(ctx0, m2, 1e-15f, INFINITY))));
+
+    ggml_tensor * st = ggml_concat(ctx0, ggml_concat(ctx0, ent, var, 0), kur, 0);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, st, l.stats));
+}
+
 void llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_input_attn_kv_arkv * inp,
                                    ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale, int il,
                                    ggml_tensor ** k_out, ggml_tensor ** v_out) const {
@@ -809,8 +854,11 @@ void llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_input_att
         ggml_prec_set_acc(kq, GGML_PREC_F32);
         // the last n_sel rows of a contiguous mask are contiguous
         ggml_tensor * m_sel = ggml_view_2d(ctx0, mask, n_kv, n_sel, mask->nb[1], (n_tokens - n_sel)*mask->nb[1]);
-        ggml_tensor * p = ggml_soft_max_ext(ctx0, kq, m_sel, kq_scale, 0.0f);
-        p = ggml_reshape_4d(ctx0, p, n_kv, n_sel, G, H);
+        ggml_tensor * p_soft = ggml_soft_max_ext(ctx0, kq, m_sel, kq_scale, 0.0f);
+        if (inp->lay.stats) {
+            build_stats(ctx0, gf, l, p_soft, v.n_q + v.n_o - n_tokens + (n_tokens - n_sel));
+        }
+        ggml_tensor * p = ggml_reshape_4d(ctx0, p_soft, n_kv, n_sel, G, H);
         p = ggml_cont(ctx0, ggml_permute(ctx0, p, 3, 0, 1, 2));                 // [n_sel, G, H, n_kv]
         p = ggml_reshape_3d(ctx0, p, n_sel*G, H, n_kv);
         ggml_tensor * s1 = ggml_reshape_2d(ctx0, ggml_sum_rows(ctx0, p), H, n_kv);
@@ -947,6 +995,11 @@ bool llama_kv_cache_arkv_context::apply() {
     const auto & ubatch = ubatches[i_cur];
     kv->apply_ubatch(ubatch);
     lay = kv->make_layout(ubatch.n_tokens, false);
+    if (kv->want_stats && i_cur + 1 == ubatches.size()) {
+        lay.stats = true;
+        kv->want_stats  = false;
+        kv->stats_valid = true;
+    }
     return true;
 }
 
@@ -1047,7 +1100,7 @@ void llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_at
 
 uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem) {
     const auto * kv = dynamic_cast<const llama_kv_cache_arkv *>(mem);
-    return kv ? 64*kv->n_layer() : 0; // store, dequant + concat, mask window, scores: ~50 per layer
+    return kv ? 96*kv->n_layer() : 0; // store, dequant + concat, mask window, scores, statistics: ~75 per layer
 }
 
 llama_memory_i * llama_arkv_create_memory(const llama_model & model, const llama_cparams & cparams) {

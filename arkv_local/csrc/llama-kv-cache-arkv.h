@@ -53,6 +53,9 @@ public:
         // device: attention mass and squared mass per (slot, head) since the last plan
         ggml_tensor * acc_o = nullptr; // F32 [n_head_kv, cap_o_max, 2]
         ggml_tensor * acc_q = nullptr; // F32 [n_head_kv, cap_q_max, 2]
+
+        // device: entropy, variance and kurtosis of the observation window's attention (ARKV)
+        ggml_tensor * stats = nullptr; // F32 [3]
     };
 
     llama_kv_cache_arkv(const llama_model & model, const llama_cparams & cparams,
@@ -110,6 +113,10 @@ public:
     std::string submit_plan(const llama_arkv_layer_plan * plans);
     bool has_pending_plan() const { return !pending.empty(); }
 
+    // statistics of the next decode's last ubatch (see llama-arkv.h)
+    void request_stats();
+    bool get_stats(float * out) const; // [n_layer][3]
+
     // copy the score accumulators [cap][n_head_kv] per pool into host buffers (see llama-arkv.h)
     void get_scores(float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q) const;
     uint32_t get_n_scored() const { return n_scored; }
@@ -129,6 +136,7 @@ public:
         std::vector<view> views;  // [n_layer]
         uint32_t n_old  = 0;      // mask columns before the new tokens (X)
         uint32_t n_mask = 0;      // mask width
+        bool stats = false;       // compute the observation window's statistics
         bool operator==(const layout & other) const;
     };
 
@@ -148,6 +156,8 @@ public:
     void build_kv(llm_graph_context & gctx, class llm_graph_input_attn_kv_arkv * inp,
                   ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale, int il,
                   ggml_tensor ** k_out, ggml_tensor ** v_out) const;
+
+    void build_stats(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, ggml_tensor * p, int64_t n_nw) const;
 
     // host inputs
     void set_input_k_idxs(ggml_tensor * dst, const llama_ubatch * ubatch) const;
@@ -184,6 +194,8 @@ private:
     llama_pos pos_max = -1;        // last position stored
     llama_pos pos_planned_max = -1; // last position that was in the cache when a plan was applied
     uint32_t n_scored = 0;         // queries accumulated since the last plan
+    bool want_stats  = false;      // the next batch's last ubatch computes statistics
+    bool stats_valid = false;
 
     std::vector<layer_move> pending;
 
