@@ -86,3 +86,18 @@ def check_gguf(path: str | os.PathLike[str]) -> Path:
             "loads only GGUF models; convert others with llama.cpp's convert_hf_to_gguf.py"
         )
     return p
+
+
+def f16_slot_bytes(path: str | os.PathLike[str]) -> int:
+    """K+V bytes one token costs in one layer of an f16 cache (all KV heads)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(check_gguf(path)).fields
+
+    def get(key: str) -> int | None:
+        return int(fields[key].contents()) if key in fields else None
+
+    arch = str(fields["general.architecture"].contents())
+    n_head = get(f"{arch}.attention.head_count")
+    head_dim = get(f"{arch}.attention.key_length") or get(f"{arch}.embedding_length") // n_head
+    return 2 * 2 * head_dim * get(f"{arch}.attention.head_count_kv")

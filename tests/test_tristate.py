@@ -13,22 +13,13 @@ import pytest
 
 import arkv_local  # noqa: F401  (binds llama_cpp to our library)
 from arkv_local.memory import LayerPlan, MemoryParams, TriStateKV, open_llama
+from arkv_local.models import f16_slot_bytes
 from arkv_local.tiny_models import tiny_model_path
 
 # any long text works: every test compares the same tokens through two caches
 TEXT = inspect.getsource(argparse) + inspect.getsource(textwrap)
 N_PROMPT = 1000
 CTX = dict(n_ctx=2048, n_batch=512, n_threads=2, logits_all=True, verbose=False)
-
-
-def f16_slot_bytes(path: Path) -> int:
-    """K+V bytes of one token of one layer in f16."""
-    meta = llama_cpp.Llama(str(path), vocab_only=True, verbose=False).metadata
-    arch = meta["general.architecture"]
-    n_head = int(meta[f"{arch}.attention.head_count"])
-    n_embd = int(meta[f"{arch}.embedding_length"])
-    head_dim = int(meta.get(f"{arch}.attention.key_length", n_embd // n_head))
-    return 2 * 2 * head_dim * int(meta[f"{arch}.attention.head_count_kv"])
 
 
 def open_tristate(path: Path, tokens: int, **kwargs: object) -> tuple[llama_cpp.Llama, TriStateKV]:

@@ -1,0 +1,1 @@
+"""Benchmarks of arkv_local's KV memory: scripts that print numbers, never timed tests."""

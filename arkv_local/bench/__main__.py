@@ -1,0 +1,75 @@
+"""`python -m arkv_local.bench speed`: prefill and decode tokens/s, tri-state memory vs stock."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import llama_cpp  # bound to our library: importing arkv_local.bench imported arkv_local first
+
+from ..memory import MemoryParams, open_llama
+from ..models import default_model_path, f16_slot_bytes
+
+
+def bench_text_tokens(llm: llama_cpp.Llama, n: int) -> list[int]:
+    """n tokens of deterministic text (Python's own sources)."""
+    import argparse as a
+    import textwrap as t
+
+    text = inspect.getsource(a) + inspect.getsource(t)
+    toks = llm.tokenize(text.encode())
+    while len(toks) < n:
+        toks += toks
+    return toks[:n]
+
+
+def measure(make: Callable[[], llama_cpp.Llama], depth: int, n_gen: int) -> tuple[float, float]:
+    """Prefill `depth` tokens, then decode `n_gen` one by one: (prefill tok/s, decode tok/s)."""
+    llm = make()
+    toks = bench_text_tokens(llm, depth + n_gen)
+    t0 = time.perf_counter()
+    llm.eval(toks[:depth])
+    t1 = time.perf_counter()
+    for tok in toks[depth:]:
+        llm.eval([tok])
+    t2 = time.perf_counter()
+    return depth / (t1 - t0), n_gen / (t2 - t1)
+
+
+def speed(args: argparse.Namespace) -> None:
+    path = args.model or str(default_model_path())
+    print(f"model {path}, threads {args.threads}, flash attention {args.flash_attn}")
+    print(f"{'depth':>6} {'cache':>24} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for depth in args.depths:
+        n_ctx = depth + args.n_gen + 256
+        common = dict(n_ctx=n_ctx, n_batch=512, n_threads=args.threads, verbose=False,
+                      flash_attn=args.flash_attn == "on", n_gpu_layers=args.n_gpu_layers)
+        params = MemoryParams(budget_bytes=n_ctx * f16_slot_bytes(path))
+        makers = (("stock f16", partial(llama_cpp.Llama, path, **common)),
+                  ("tri-state, none evicted", partial(open_llama, path, params, **common)))
+        for name, make in makers:
+            pp, tg = measure(make, depth, args.n_gen)
+            print(f"{depth:>6} {name:>24} {pp:>14.1f} {tg:>13.1f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m arkv_local.bench", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speed", help="prefill/decode tokens/s, tri-state memory vs stock f16")
+    s.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--depths", type=int, nargs="+", default=[512, 4096])
+    s.add_argument("--n-gen", type=int, default=64)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--flash-attn", choices=["on", "off"], default="on")
+    s.add_argument("--n-gpu-layers", type=int, default=0)
+    args = p.parse_args(argv)
+    speed(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
