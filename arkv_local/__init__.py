@@ -11,6 +11,9 @@ from importlib.metadata import version
 from . import arkv_cpp  # binds llama_cpp to our libllama before anything imports it
 from .llama import KV_POLICIES, Llama
 from .models import check_gguf, default_model_path
+from .policies import Policy
+from .tailoring import KVStats, LayerKVStats
 
 __version__ = version("arkv_local")
-__all__ = ["KV_POLICIES", "Llama", "arkv_cpp", "check_gguf", "default_model_path"]
+__all__ = ["KV_POLICIES", "KVStats", "LayerKVStats", "Llama", "Policy", "arkv_cpp", "check_gguf",
+           "default_model_path"]

@@ -19,6 +19,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system message")
     p.add_argument("--policy", default="full", choices=KV_POLICIES, help="KV-cache policy")
+    p.add_argument("--kv-budget", type=int, help="KV memory in f16 tokens (default: --ctx)")
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     p.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload (-1: all)")
@@ -39,7 +40,7 @@ def stream_answer(llm: Llama, messages: list[dict[str, str]], args: argparse.Nam
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    llm = Llama(args.model, kv_policy=args.policy, n_ctx=args.ctx,
+    llm = Llama(args.model, kv_policy=args.policy, kv_budget=args.kv_budget, n_ctx=args.ctx,
                 n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=False)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)

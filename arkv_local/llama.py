@@ -1,38 +1,125 @@
-"""`arkv_local.Llama`: llama_cpp.Llama over arkv_local's libllama, plus the KV policy."""
+"""`arkv_local.Llama`: llama_cpp.Llama over arkv_local's libllama, plus a KV-cache policy."""
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp
 
-from .models import check_gguf, default_model_path
+from .memory import MemoryParams, TriStateKV, armed
+from .models import check_gguf, default_model_path, model_shape
+from .policies import KV_POLICIES, Policy, make_policy
+from .tailoring import KVStats, LayerKVStats, Tailor
 
-KV_POLICIES = ("full",)
+__all__ = ["KV_POLICIES", "Llama"]
 
 
 class Llama(llama_cpp.Llama):
     """Drop-in for `llama_cpp.Llama` (same methods and arguments) with a KV-cache policy.
 
     `model_path` may be omitted: the default model (SmolLM2-135M-Instruct) is used.
-    `kv_policy="full"` keeps every token in f16, exactly as llama.cpp does.
+
+    kv_policy: "full" (llama.cpp's own f16 cache, exactly), "arkv", "h2o", "window", "quant",
+        or a `Policy` instance. Every policy but "full" keeps the cache in the tri-state
+        memory under a fixed budget; its logical context then runs to the model's trained
+        limit (or `n_ctx` with logits_all=True, whose logits buffer grows with it).
+    kv_budget: KV memory as the number of tokens an f16 cache would hold (default: n_ctx);
+        or kv_budget_bytes: KV bytes over all layers.
+    kv_window, kv_sinks, kv_slack: newest tokens kept in f16 (32), first tokens kept in f16
+        (0; "window": 4), slots freed per tailoring (64).
+    kv_quant: the 4-bit state's type, "q4_0" (default), "q4_1" or "q8_0".
+    kv_rotate: Walsh-Hadamard rotation of the cached K/V (as llama.cpp's quantized caches).
+    arkv_tau, arkv_gamma: ARKV's layer-score exponents and heavy-hitter variance weight.
     """
 
     def __init__(
         self,
         model_path: str | os.PathLike[str] | None = None,
         *,
-        kv_policy: str = "full",
+        kv_policy: str | Policy = "full",
+        kv_budget: int | None = None,
+        kv_budget_bytes: int | None = None,
+        kv_window: int | None = None,
+        kv_sinks: int | None = None,
+        kv_slack: int | None = None,
+        kv_quant: str = "q4_0",
+        kv_rotate: bool = True,
+        arkv_tau: tuple[float, float, float] | None = None,
+        arkv_gamma: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if kv_policy not in KV_POLICIES:
-            raise ValueError(
-                f"unknown kv_policy {kv_policy!r}: choose one of {', '.join(KV_POLICIES)}"
-            )
         path = default_model_path() if model_path is None else check_gguf(model_path)
-        self.kv_policy = kv_policy
-        super().__init__(os.fspath(path), **kwargs)
+        policy = make_policy(kv_policy, window=kv_window, sinks=kv_sinks, slack=kv_slack,
+                             tau=arkv_tau, gamma=arkv_gamma)
+        self.kv_policy = kv_policy if isinstance(kv_policy, str) else policy.name
+        self._tailor: Tailor | None = None
+        if policy is None:
+            if kv_budget is not None or kv_budget_bytes is not None:
+                raise ValueError("kv_budget needs a kv_policy other than 'full'")
+            super().__init__(os.fspath(path), **kwargs)
+            return
+
+        shape = model_shape(path)
+        n_ctx = kwargs.get("n_ctx", 512) or shape.n_ctx_train  # llama_cpp: 0 is the trained limit
+        layer_bytes = _layer_budget(shape.f16_slot_bytes, shape.n_layer, kv_budget,
+                                    kv_budget_bytes, n_ctx)
+        if layer_bytes < policy.min_budget_tokens() * shape.f16_slot_bytes:
+            raise ValueError(
+                f"a KV budget of {layer_bytes // shape.f16_slot_bytes} tokens is below the window "
+                f"({policy.window}) + sinks ({policy.sinks}) + slack ({policy.slack}) = "
+                f"{policy.min_budget_tokens()} tokens")
+        params = MemoryParams(budget_bytes=layer_bytes, quant=kv_quant, rotate=kv_rotate,
+                              n_score_queries=policy.window)
+        if not kwargs.get("logits_all", False) and shape.n_ctx_train > 0:
+            kwargs["n_ctx"] = shape.n_ctx_train  # positions may run past the physical cache
+        with armed(params):
+            super().__init__(os.fspath(path), **kwargs)
+        kv = TriStateKV(self.ctx)
+        self._tailor = Tailor(kv, policy, layer_bytes, llama_cpp.llama_model_n_head(self.model))
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """As llama_cpp.Llama.eval; with a policy, the cache is tailored to its budget as the
+        tokens come, so a prompt of any length is read in bounded memory."""
+        if self._tailor is None:
+            return super().eval(tokens)
+        tokens = list(tokens)
+        if self.n_tokens + len(tokens) > self._n_ctx:
+            raise ValueError(f"{self.n_tokens + len(tokens)} positions exceed the context "
+                             f"window of {self._n_ctx} (the model's trained limit)")
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        if not llama_cpp.llama_memory_seq_rm(memory, -1, self.n_tokens, -1):
+            # the cache was tailored past this point: re-read the kept prefix from scratch
+            tokens = self.input_ids[: self.n_tokens].tolist() + tokens
+            self.n_tokens = 0
+        if self.n_tokens == 0:
+            llama_cpp.llama_memory_clear(memory, True)
+            self._tailor.start_sequence()
+        step = min(self.n_batch, self._tailor.max_chunk)
+        chunks = range(0, len(tokens), step)
+        if self.verbose and len(chunks) > 4:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="reading prompt", unit="chunk", file=sys.stderr)
+        for i in chunks:
+            chunk = tokens[i : i + step]
+            self._tailor.before_decode(len(chunk), self.n_tokens - 1)
+            super().eval(chunk)
+            self._tailor.after_decode()
+        self._tailor.end_of_prompt()
+
+    def kv_stats(self) -> KVStats:
+        """KV memory in use and per layer O/Q/E counts (with "full": the f16 cache's)."""
+        if self._tailor is not None:
+            return self._tailor.kv_stats(self.n_tokens)
+        shape = model_shape(self.model_path)
+        per_token = shape.f16_slot_bytes * shape.n_layer
+        layers = [LayerKVStats(self.n_tokens, 0, 0, 1.0, self.n_tokens * shape.f16_slot_bytes)
+                  for _ in range(shape.n_layer)]
+        return KVStats(self.n_tokens * per_token, self._n_ctx * per_token,
+                       self.n_tokens * per_token, self.n_tokens, layers, 0, 0.0)
 
     def close(self) -> None:
         """As llama_cpp.Llama.close; also safe when __init__ refused its arguments early."""
@@ -54,3 +141,18 @@ class Llama(llama_cpp.Llama):
                 f"({type(e).__name__}: {e}); without network, download the GGUF elsewhere "
                 "and pass model_path=..."
             ) from e
+
+
+def _layer_budget(slot_f16: int, n_layer: int, tokens: int | None, total_bytes: int | None,
+                  n_ctx: int) -> int:
+    """K+V bytes per layer from kv_budget (f16 tokens, default n_ctx) or kv_budget_bytes."""
+    if tokens is not None and total_bytes is not None:
+        raise ValueError("give kv_budget (tokens) or kv_budget_bytes, not both")
+    if total_bytes is not None:
+        if total_bytes <= 0:
+            raise ValueError(f"kv_budget_bytes must be positive, got {total_bytes}")
+        return total_bytes // n_layer
+    tokens = n_ctx if tokens is None else tokens
+    if tokens <= 0:
+        raise ValueError(f"kv_budget must be a positive number of tokens, got {tokens}")
+    return tokens * slot_f16

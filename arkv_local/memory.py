@@ -7,6 +7,8 @@ so that policies never touch ctypes.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import llama_cpp
@@ -53,23 +55,31 @@ def disarm() -> None:
     arkv_cpp.llama_arkv_arm(None)
 
 
-def open_llama(model_path: str, params: MemoryParams, **kwargs: object) -> llama_cpp.Llama:
-    """A llama_cpp.Llama whose context uses the tri-state memory; a model or setting it
-    cannot serve raises ValueError with the reason."""
+def last_error() -> str:
+    """Why the last call into the tri-state memory failed (also a refused model)."""
+    return arkv_cpp.llama_arkv_last_error().decode()
+
+
+@contextmanager
+def armed(params: MemoryParams) -> Iterator[None]:
+    """Within the block, the llama context created uses the tri-state memory; a model or
+    setting it cannot serve raises ValueError with the reason."""
     params.arm()
     try:
-        return llama_cpp.Llama(model_path, **kwargs)  # type: ignore[arg-type]
+        yield
     except ValueError as e:
         reason = last_error()
-        raise ValueError(
-            f"cannot use the tri-state KV memory: {reason}" if reason else str(e)
-        ) from e
+        if not reason:
+            raise
+        raise ValueError(f"cannot use the tri-state KV memory: {reason}") from e
     finally:
         disarm()
 
 
-def last_error() -> str:
-    return arkv_cpp.llama_arkv_last_error().decode()
+def open_llama(model_path: str, params: MemoryParams, **kwargs: object) -> llama_cpp.Llama:
+    """A plain llama_cpp.Llama whose context uses the tri-state memory (no policy)."""
+    with armed(params):
+        return llama_cpp.Llama(model_path, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,10 @@ class TriStateKV:
         arkv_cpp.llama_arkv_get_layers(self.ctx, out)
         return [LayerInfo(i.cap_o, i.cap_q, i.n_o, i.n_q, i.bytes_alloc, i.bytes_used) for i in out]
 
+    def cap_q(self, cap_o: int) -> int:
+        """Q slots a layer's budget leaves when its O pool has cap_o slots."""
+        return arkv_cpp.llama_arkv_cap_q(self.ctx, cap_o)
+
     def free_slots(self) -> int:
         """Tokens that can be decoded before a plan must free O slots."""
         return arkv_cpp.llama_arkv_free_slots(self.ctx)
@@ -151,18 +165,18 @@ class TriStateKV:
 
     def scores(self) -> Scores:
         infos = self.layers()
-        so, qo = self._buffers(infos, np.float32)
-        sq, qq = self._buffers(infos, np.float32)
+        sum_o, sum_q = self._buffers(infos, np.float32)  # O-sized, Q-sized
+        sq_o, sq_q = self._buffers(infos, np.float32)
         f = ctypes.c_float
         n = arkv_cpp.llama_arkv_get_scores(
-            self.ctx, _ptr(so, f), _ptr(qo, f), _ptr(sq, f), _ptr(qq, f)
+            self.ctx, _ptr(sum_o, f), _ptr(sq_o, f), _ptr(sum_q, f), _ptr(sq_q, f)
         )
         return Scores(
             n,
-            self._split(so, infos, "o"),
-            self._split(qo, infos, "o"),
-            self._split(sq, infos, "q"),
-            self._split(qq, infos, "q"),
+            self._split(sum_o, infos, "o"),
+            self._split(sq_o, infos, "o"),
+            self._split(sum_q, infos, "q"),
+            self._split(sq_q, infos, "q"),
         )
 
     def request_stats(self) -> None:

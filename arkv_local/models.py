@@ -88,8 +88,24 @@ def check_gguf(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def f16_slot_bytes(path: str | os.PathLike[str]) -> int:
-    """K+V bytes one token costs in one layer of an f16 cache (all KV heads)."""
+@dataclass(frozen=True)
+class ModelShape:
+    """What the KV cache of a model looks like, read from its GGUF header."""
+
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+
+    @property
+    def f16_slot_bytes(self) -> int:
+        """K+V bytes one token costs in one layer of an f16 cache (all KV heads)."""
+        return 2 * 2 * self.head_dim * self.n_head_kv
+
+
+def model_shape(path: str | os.PathLike[str]) -> ModelShape:
     from gguf import GGUFReader
 
     fields = GGUFReader(check_gguf(path)).fields
@@ -98,6 +114,18 @@ def f16_slot_bytes(path: str | os.PathLike[str]) -> int:
         return int(fields[key].contents()) if key in fields else None
 
     arch = str(fields["general.architecture"].contents())
-    n_head = get(f"{arch}.attention.head_count")
-    head_dim = get(f"{arch}.attention.key_length") or get(f"{arch}.embedding_length") // n_head
-    return 2 * 2 * head_dim * get(f"{arch}.attention.head_count_kv")
+    n_head = get(f"{arch}.attention.head_count") or 0
+    n_embd = get(f"{arch}.embedding_length") or 0
+    return ModelShape(
+        arch=arch,
+        n_layer=get(f"{arch}.block_count") or 0,
+        n_head=n_head,
+        n_head_kv=get(f"{arch}.attention.head_count_kv") or n_head,
+        head_dim=get(f"{arch}.attention.key_length") or (n_embd // n_head if n_head else 0),
+        n_ctx_train=get(f"{arch}.context_length") or 0,
+    )
+
+
+def f16_slot_bytes(path: str | os.PathLike[str]) -> int:
+    """K+V bytes one token costs in one layer of an f16 cache (all KV heads)."""
+    return model_shape(path).f16_slot_bytes

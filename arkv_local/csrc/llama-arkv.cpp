@@ -84,6 +84,12 @@ uint64_t llama_arkv_slot_bytes(const struct llama_context * ctx, bool quantized)
     return 2*(quantized ? kv->row_bytes_q() : kv->row_bytes_o());
 }
 
+uint32_t llama_arkv_cap_q(const struct llama_context * ctx, uint32_t cap_o) {
+    const auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    return kv->cap_q_for(cap_o);
+}
+
 int32_t llama_arkv_free_slots(const struct llama_context * ctx) {
     const auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);

@@ -225,6 +225,16 @@ void llama_kv_cache_arkv::place_pools(ggml_context * ctx, layer & l, uint32_t ca
     l.cap_q = cap_q;
 }
 
+// rows past n_o are read as masked padding as the pool fills: they must hold finite f16 values,
+// never the bytes of an earlier layout (old Q rows read as f16 can be NaN, and 0 * NaN poisons
+// the attention)
+void llama_kv_cache_arkv::clear_o_tail(const layer & l) {
+    const size_t off = (size_t) l.n_o*row_bytes_o();
+    const size_t end = (size_t) l.cap_o*row_bytes_o();
+    ggml_backend_tensor_memset(l.k_o, 0, off, end - off);
+    ggml_backend_tensor_memset(l.v_o, 0, off, end - off);
+}
+
 //
 // llama_memory_i
 //
@@ -317,8 +327,9 @@ bool llama_kv_cache_arkv::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1
         clear(false);
         return true;
     }
-    if (p0 <= pos_planned_max) {
-        return false; // the cache was tailored past p0: the removed tokens cannot be restored
+    if (!pending.empty() || p0 <= pos_planned_max) {
+        // a pending plan names the rows as they are; a tailored cache cannot get removed tokens back
+        return false;
     }
     // an untailored tail: the newest rows of O in every layer and head, in position order
     const uint32_t n_rm = pos_max - p0 + 1;
@@ -616,6 +627,10 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
 
     ctx_retired.push_back(std::move(ctx_pools));
     ctx_pools = std::move(ctx_new);
+    pools_generation++;
+    for (const auto & l : layers) {
+        clear_o_tail(l); // after the moves: the tail may overlap rows the graph gathered
+    }
     pos_planned_max = pos_max;
     reset_scores();
     return ok;
@@ -658,7 +673,8 @@ bool llama_kv_cache_arkv::get_stats(float * out) const {
 //
 
 bool llama_kv_cache_arkv::layout::operator==(const layout & other) const {
-    if (n_old != other.n_old || n_mask != other.n_mask || stats != other.stats || views.size() != other.views.size()) {
+    if (n_old != other.n_old || n_mask != other.n_mask || stats != other.stats || pools != other.pools ||
+        views.size() != other.views.size()) {
         return false;
     }
     for (size_t i = 0; i < views.size(); ++i) {
@@ -677,6 +693,7 @@ bool llama_kv_cache_arkv::layout::operator==(const layout & other) const {
 // and the window width stay constant, so the graph can be reused.
 llama_kv_cache_arkv::layout llama_kv_cache_arkv::make_layout(uint32_t n_tokens, bool worst_case) const {
     layout lay;
+    lay.pools = pools_generation;
     lay.views.resize(layers.size());
     for (size_t i = 0; i < layers.size(); ++i) {
         const auto & l = layers[i];
@@ -956,8 +973,13 @@ void llama_kv_cache_arkv::state_read(llama_io_read_i & io, llama_seq_id seq_id, 
             io.read_tensor(l.v_q, 0, (size_t) l.n_q*row_bytes_q());
         }
     }
+    ctx_retired.clear(); // graphs over those were built for an older generation: never reused
     ctx_retired.push_back(std::move(ctx_pools));
     ctx_pools = std::move(ctx_new);
+    pools_generation++;
+    for (const auto & l : layers) {
+        clear_o_tail(l);
+    }
     pos_max = p[0];
     pos_planned_max = p[1];
 }

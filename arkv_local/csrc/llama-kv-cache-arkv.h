@@ -137,6 +137,7 @@ public:
         uint32_t n_old  = 0;      // mask columns before the new tokens (X)
         uint32_t n_mask = 0;      // mask width
         bool stats = false;       // compute the observation window's statistics
+        uint32_t pools = 0;       // pool placement the graph reads (changes with plans and state loads)
         bool operator==(const layout & other) const;
     };
 
@@ -194,12 +195,14 @@ private:
     llama_pos pos_max = -1;        // last position stored
     llama_pos pos_planned_max = -1; // last position that was in the cache when a plan was applied
     uint32_t n_scored = 0;         // queries accumulated since the last plan
+    uint32_t pools_generation = 0; // bumped whenever the pools are placed anew
     bool want_stats  = false;      // the next batch's last ubatch computes statistics
     bool stats_valid = false;
 
     std::vector<layer_move> pending;
 
     void place_pools(ggml_context * ctx, layer & l, uint32_t cap_o);
+    void clear_o_tail(const layer & l);
     bool apply_plan(llama_context * lctx);
     void reset_scores();
 

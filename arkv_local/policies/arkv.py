@@ -1,0 +1,36 @@
+"""ARKV (arXiv 2603.08727): per layer O/Q ratios from prefill attention statistics, heavy
+hitters kept in f16, the next ones in 4 bits, the rest evicted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .base import KVView
+from .heavy_hitter import HeavyHitter
+from .scores import oq_ratios
+
+TAU_TUNED = (7.774, 5.407, 5.528)
+TAU_INSTRUCT = (0.1, 0.3, 0.6)
+
+
+@dataclass
+class ARKV(HeavyHitter):
+    """tau: exponents of entropy, variance and kurtosis in the layer score (the reference's tuned
+    values by default; TAU_INSTRUCT for instruct models); gamma: weight of the variance in the
+    heavy-hitter score (tuned 263.8, instruct 0.8)."""
+
+    tau: tuple[float, float, float] = TAU_TUNED
+
+    name: ClassVar[str] = "arkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.tau) != 3 or not all(t > 0 for t in self.tau):
+            raise ValueError(f"arkv tau must be three positive numbers, got {self.tau}")
+
+    def ratios(self, view: KVView) -> np.ndarray:
+        rho = oq_ratios(view.stats, self.tau)
+        return np.ones(len(view.layers)) if rho is None else rho

@@ -1,0 +1,142 @@
+"""End to end: `Llama(kv_policy=...)` keeps the KV memory within its budget and stays correct."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import arkv_local
+from arkv_local import Llama
+from arkv_local.memory import LayerPlan
+from arkv_local.policies import KVView, Policy
+from arkv_local.tailoring import Tailor
+from arkv_local.tiny_models import tiny_model_path
+
+TEXT = inspect.getsource(argparse)
+
+
+@pytest.fixture(scope="module")
+def tokens(smollm2: Path) -> list[int]:
+    return Llama(smollm2, n_ctx=64, verbose=False).tokenize(TEXT.encode())
+
+
+def test_memory_stays_within_budget_over_a_long_prompt_and_generation(
+        smollm2: Path, tokens: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = 512
+    llm = Llama(smollm2, kv_policy="arkv", kv_budget=budget, n_threads=2, verbose=False)
+    seen: list[int] = []
+    original = Tailor.after_decode
+
+    def record(self: Tailor) -> None:  # every decode, prompt chunks and generated tokens alike
+        seen.append(self.kv_stats(llm.n_tokens).bytes_used)
+        original(self)
+
+    monkeypatch.setattr(Tailor, "after_decode", record)
+    prompt = tokens[:4000]
+    generated = []
+    for tok in llm.generate(prompt, temp=0.0):
+        generated.append(tok)
+        if len(generated) == 500:
+            break
+    stats = llm.kv_stats()
+    limit = budget * arkv_local.models.f16_slot_bytes(smollm2) * 30
+    assert stats.bytes_budget == limit and len(seen) >= 500
+    assert max(seen) <= limit
+    assert stats.n_tokens == 4000 + 499  # the last sampled token is not evaluated yet
+    assert stats.bytes_f16 > 8 * limit  # the sequence is far longer than the cache
+    assert stats.n_tailorings > 10 and stats.tailoring_seconds > 0
+    ratios = [layer.oq_ratio for layer in stats.layers]
+    assert max(ratios) == 1.0 and min(ratios) < 1.0  # measured, per layer
+    for layer in stats.layers:
+        assert layer.n_o + layer.n_q + layer.n_e == stats.n_tokens and layer.n_q > 0
+    last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    assert np.isfinite(np.ctypeslib.as_array(last, shape=(llm.n_vocab(),))).all()
+    text = llm.detokenize(generated).decode(errors="replace")
+    assert len(set(generated)) > 20 and "\ufffd" not in text
+
+
+@pytest.mark.parametrize("policy", ["arkv", "h2o", "window", "quant"])
+def test_budget_larger_than_the_text_is_the_full_cache(smollm2: Path, tokens: list[int],
+                                                       policy: str) -> None:
+    # without rotation the f16 rows are stored as llama.cpp stores them: identical greedy text
+    kwargs = dict(n_ctx=2048, n_threads=2, verbose=False, seed=0)
+    full = Llama(smollm2, **kwargs)
+    ours = Llama(smollm2, kv_policy=policy, kv_budget=2048, kv_rotate=False, **kwargs)
+    prompt = full.detokenize(tokens[:600]).decode()
+    a = full(prompt, max_tokens=64, temperature=0)["choices"][0]["text"]
+    b = ours(prompt, max_tokens=64, temperature=0)["choices"][0]["text"]
+    assert a == b and len(a) > 20
+    assert ours.kv_stats().n_tailorings == 0
+
+
+@pytest.mark.parametrize("policy", ["h2o", "window", "quant"])
+def test_baselines_stay_within_budget(smollm2: Path, tokens: list[int], policy: str) -> None:
+    llm = Llama(smollm2, kv_policy=policy, kv_budget=256, n_threads=2, verbose=False)
+    llm.eval(tokens[:1500])
+    stats = llm.kv_stats()
+    assert stats.bytes_used <= stats.bytes_budget and stats.n_tokens == 1500
+    n_q = {layer.n_q for layer in stats.layers}
+    assert n_q == {0} if policy != "quant" else min(n_q) > 300  # quant: 4 bits buy 3.5x
+
+
+def test_chat_streaming_and_prefix_reuse_work(smollm2: Path) -> None:
+    llm = Llama(smollm2, kv_policy="arkv", kv_budget=256, n_threads=2, verbose=False)
+    messages = [{"role": "user", "content": "Tell me about the three laws of motion. " * 20}]
+    pieces = [c["choices"][0]["delta"].get("content", "")
+              for c in llm.create_chat_completion(messages, max_tokens=24, stream=True)]
+    first = "".join(pieces)
+    assert first.strip() and llm.kv_stats().n_tailorings > 0
+    # the same conversation again: the tailored prefix cannot be reused, it is read again
+    again = llm.create_chat_completion(messages, max_tokens=24, temperature=0)
+    assert again["choices"][0]["message"]["content"].strip()
+    assert llm.kv_stats().bytes_used <= llm.kv_stats().bytes_budget
+
+
+def test_positions_run_to_the_trained_limit(tmp_path: Path) -> None:
+    path = tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
+                           n_ctx_train=1024)
+    llm = Llama(path, kv_policy="window", kv_budget=128, n_ctx=128, verbose=False)
+    llm.eval([t % 250 for t in range(1000)])  # far past the physical cache and n_ctx
+    assert llm.kv_stats().n_tokens == 1000
+    with pytest.raises(ValueError, match="1030 positions exceed .* 1024 .*trained limit"):
+        llm.eval([1] * 30)
+
+
+class NamesAGhostSlot(Policy):
+    """A broken custom policy: its plan names an O slot that does not exist."""
+
+    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        return view.layers[layer].pos_o * 1.0, view.layers[layer].pos_q * 1.0
+
+    def plan(self, view: KVView, budget: object, room: int) -> list[LayerPlan]:
+        plans = super().plan(view, budget, room)  # type: ignore[arg-type]
+        plans[0].o_src[0, 0] = 10**6
+        return plans
+
+
+def test_errors_are_named_before_anything_changes(smollm2: Path, tokens: list[int]) -> None:
+    with pytest.raises(ValueError, match="unknown kv_policy 'lru'"):
+        Llama(smollm2, kv_policy="lru")
+    with pytest.raises(ValueError, match="unknown quant type 'q3_k'"):
+        Llama(smollm2, kv_policy="arkv", kv_quant="q3_k")
+    with pytest.raises(ValueError, match="arkv tau must be three positive numbers"):
+        Llama(smollm2, kv_policy="arkv", arkv_tau=(1.0, -1.0, 1.0))
+    with pytest.raises(ValueError, match=r"budget of 64 tokens is below the window \(32\)"):
+        Llama(smollm2, kv_policy="arkv", kv_budget=64)
+    with pytest.raises(ValueError, match="kv_budget needs a kv_policy other than 'full'"):
+        Llama(smollm2, kv_budget=64)
+    with pytest.raises(ValueError, match="not both"):
+        Llama(smollm2, kv_policy="h2o", kv_budget=512, kv_budget_bytes=10**6)
+    with pytest.raises(ValueError, match="serves one sequence"):
+        Llama(smollm2, kv_policy="arkv", embedding=True, verbose=False)
+    llm = Llama(smollm2, kv_policy=NamesAGhostSlot(slack=8), kv_budget=128, verbose=False)
+    llm.eval(tokens[:100])
+    before = llm.kv_stats()
+    with pytest.raises(ValueError, match="plan refused: layer 0: head 0 names O slot 1000000"):
+        llm.eval(tokens[100:140])
+    assert llm.kv_stats() == before
