@@ -45,9 +45,11 @@ class Tailor:
         self.policy = policy
         self.budget = Budget(layer_bytes, kv.slot_bytes_o, kv.slot_bytes_q, kv.cap_q)
         self.group = n_head // kv.n_head_kv
-        # the most new tokens one plan can make room for
-        self.max_chunk = layer_bytes // kv.slot_bytes_o - policy.window - policy.sinks
-        assert self.max_chunk >= policy.slack, "the budget was checked against the policy"
+        # the most new tokens one plan can make room for; a prompt is read in chunks of half
+        # that: room reserved in f16 for a chunk is budget not spent on kept (4-bit) tokens
+        max_room = layer_bytes // kv.slot_bytes_o - policy.window - policy.sinks
+        assert max_room >= policy.slack, "the budget was checked against the policy"
+        self.max_chunk = max(policy.slack, max_room // 2)
         self.n_tailorings = 0
         self.tailoring_seconds = 0.0
         self.start_sequence()

@@ -53,7 +53,8 @@ def test_memory_stays_within_budget_over_a_long_prompt_and_generation(
     ratios = [layer.oq_ratio for layer in stats.layers]
     assert max(ratios) == 1.0 and min(ratios) < 1.0  # measured, per layer
     for layer in stats.layers:
-        assert layer.n_o + layer.n_q + layer.n_e == stats.n_tokens and layer.n_q > 0
+        assert layer.n_o + layer.n_q + layer.n_e == stats.n_tokens
+        assert layer.n_q > 0 or layer.oq_ratio == 1.0  # rho < 1 buys 4-bit tokens
     last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
     assert np.isfinite(np.ctypeslib.as_array(last, shape=(llm.n_vocab(),))).all()
     text = llm.detokenize(generated).decode(errors="replace")
@@ -86,7 +87,7 @@ def test_baselines_stay_within_budget(smollm2: Path, tokens: list[int], policy: 
 
 def test_chat_streaming_and_prefix_reuse_work(smollm2: Path) -> None:
     llm = Llama(smollm2, kv_policy="arkv", kv_budget=256, n_threads=2, verbose=False)
-    messages = [{"role": "user", "content": "Tell me about the three laws of motion. " * 20}]
+    messages = [{"role": "user", "content": "Tell me about the three laws of motion. " * 50}]
     pieces = [c["choices"][0]["delta"].get("content", "")
               for c in llm.create_chat_completion(messages, max_tokens=24, stream=True)]
     first = "".join(pieces)

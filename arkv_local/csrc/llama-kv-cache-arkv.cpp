@@ -522,8 +522,6 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
     };
 
     std::vector<layer> old_layers = layers; // tensors and metadata of the current layout
-    std::vector<std::pair<ggml_tensor *, ggml_tensor *>> scatters; // (src, dst) per pool move, expanded after all gathers
-    std::vector<ggml_tensor *> gathers;
 
     for (const auto & m : pending) {
         const layer & lo = old_layers[m.li];
@@ -548,6 +546,10 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
             }
         }
 
+        // this layer's gathers all run before its scatters: its old and new pools may overlap
+        std::vector<ggml_tensor *> gathers;
+        std::vector<ggml_tensor *> scatters;
+
         // K and V move the same rows: one set of index inputs for both
         ggml_tensor * i_o_keep = make_idx(GGML_TYPE_I32, std::move(o_keep));
         ggml_tensor * i_o_dst  = make_idx(GGML_TYPE_I64, std::move(o_dst));
@@ -570,11 +572,18 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
                 }
                 ggml_tensor * g = ggml_get_rows(ctx, rows(src_pool), src_idx); // F32 [D, n]
                 gathers.push_back(g);
-                scatters.emplace_back(g, ggml_set_rows(ctx, rows(dst_pool), g, dst_idx));
+                scatters.push_back(ggml_set_rows(ctx, rows(dst_pool), g, dst_idx));
             };
             move(old_o, i_o_keep, new_o, i_o_dst);
             move(old_o, i_qo_src, new_q, i_qo_dst);
             move(old_q, i_qq_src, new_q, i_qq_dst);
+        }
+        // layer by layer, so the allocator reuses one layer's gathered rows for the next
+        for (auto * g : gathers) {
+            ggml_build_forward_expand(gf, g);
+        }
+        for (auto * sc : scatters) {
+            ggml_build_forward_expand(gf, sc);
         }
 
         // host metadata follows the rows
@@ -596,15 +605,8 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
     }
     pending.clear();
 
-    for (auto * g : gathers) {
-        ggml_build_forward_expand(gf, g);
-    }
-    for (auto & [g, s] : scatters) {
-        ggml_build_forward_expand(gf, s);
-    }
-
     bool ok = true;
-    if (!gathers.empty()) {
+    if (ggml_graph_n_nodes(gf) > 0) {
         if (!ggml_backend_sched_alloc_graph(sched, gf)) {
             LLAMA_LOG_ERROR("%s: failed to allocate the ARKV plan graph\n", __func__);
             ok = false;
