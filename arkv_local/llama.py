@@ -56,6 +56,7 @@ class Llama(llama_cpp.Llama):
                              tau=arkv_tau, gamma=arkv_gamma)
         self.kv_policy = kv_policy if isinstance(kv_policy, str) else policy.name
         self._tailor: Tailor | None = None
+        self.progress_bar = bool(kwargs.get("verbose", True))  # while reading long prompts
         if policy is None:
             if kv_budget is not None or kv_budget_bytes is not None:
                 raise ValueError("kv_budget needs a kv_policy other than 'full'")
@@ -71,8 +72,9 @@ class Llama(llama_cpp.Llama):
                 f"a KV budget of {layer_bytes // shape.f16_slot_bytes} tokens is below the window "
                 f"({policy.window}) + sinks ({policy.sinks}) + slack ({policy.slack}) = "
                 f"{policy.min_budget_tokens()} tokens")
+        # attention statistics cost a second QK^T per token: only for policies that read them
         params = MemoryParams(budget_bytes=layer_bytes, quant=kv_quant, rotate=kv_rotate,
-                              n_score_queries=policy.window)
+                              n_score_queries=policy.window if policy.needs_scores else 0)
         if not kwargs.get("logits_all", False) and shape.n_ctx_train > 0:
             kwargs["n_ctx"] = shape.n_ctx_train  # positions may run past the physical cache
         with armed(params):
@@ -99,7 +101,7 @@ class Llama(llama_cpp.Llama):
             self._tailor.start_sequence()
         step = min(self.n_batch, self._tailor.max_chunk)
         chunks = range(0, len(tokens), step)
-        if self.verbose and len(chunks) > 4:
+        if self.progress_bar and len(chunks) > 4:
             from tqdm import tqdm
 
             chunks = tqdm(chunks, desc="reading prompt", unit="chunk", file=sys.stderr)

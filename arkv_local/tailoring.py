@@ -58,7 +58,7 @@ class Tailor:
         """A new sequence: measure its prefill statistics again."""
         self.stats: np.ndarray | None = None
         self.ratios = np.ones(self.kv.n_layer)
-        self.measuring = True
+        self.measuring = self.policy.needs_stats
         self.room: int | None = None  # free O slots once a submitted plan is applied
 
     def before_decode(self, n_tokens: int, pos_max: int) -> None:

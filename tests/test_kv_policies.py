@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 from pathlib import Path
 
@@ -141,3 +142,20 @@ def test_errors_are_named_before_anything_changes(smollm2: Path, tokens: list[in
     with pytest.raises(ValueError, match="plan refused: layer 0: head 0 names O slot 1000000"):
         llm.eval(tokens[100:140])
     assert llm.kv_stats() == before
+
+
+def test_the_custom_policy_example_runs(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "custom_policy", Path(__file__).parent.parent / "examples" / "custom_policy.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    path = tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
+    llm = Llama(path, kv_policy=example.Recency(o_share=0.25), kv_budget=200, verbose=False)
+    llm.eval([t % 250 for t in range(900)])
+    stats = llm.kv_stats()
+    assert stats.bytes_used <= stats.bytes_budget and stats.n_tailorings > 0
+    for layer in stats.layers:
+        assert layer.oq_ratio == 0.25 and layer.n_q > layer.n_o  # mostly 4-bit, as asked
+    _, pos_q = llm._tailor.kv.positions()
+    first = stats.layers[0]
+    assert pos_q[0][: first.n_q].min() == first.n_e  # exactly the oldest were evicted

@@ -302,3 +302,22 @@ def test_state_round_trip(smollm2: Path, tokens: list[int]) -> None:
         np.testing.assert_array_equal(a, b)
     ours.eval(tokens[610:611])
     np.testing.assert_array_equal(ours.scores[610], expected)
+
+
+def test_quant_types_and_rotation_order_as_expected(smollm2: Path, tokens: list[int]) -> None:
+    n_next = 100
+    toks = tokens[:600 + n_next]
+    f16 = llama_cpp.Llama(str(smollm2), **CTX, flash_attn=True)
+    f16.eval(toks)
+    ref = f16.scores[600:600 + n_next]
+    results = {}
+    for quant, rotate in [("q4_0", True), ("q4_0", False), ("q4_1", True), ("q8_0", True)]:
+        ours, mem = open_tristate(smollm2, 1024, quant=quant, rotate=rotate, flash_attn=True)
+        ours.eval(toks[:600])
+        mem.submit(quantize_plan(mem, n_window=32, cap_o=256))
+        ours.eval(toks[600:])
+        assert np.isfinite(ours.scores[600:600 + n_next]).all()
+        results[quant, rotate] = kld(ref, ours.scores[600:600 + n_next])
+    # 8 bits beat 4; the Walsh-Hadamard rotation spreads outliers before 4-bit rounding
+    assert results["q8_0", True] < results["q4_0", True] < results["q4_0", False]
+    assert results["q4_1", True] < 2 * results["q4_0", True]

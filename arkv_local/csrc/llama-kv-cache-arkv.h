@@ -95,7 +95,6 @@ public:
     // arkv API (behind the C API in llama-arkv.h)
     //
 
-    const llama_arkv_params & get_params() const { return params; }
     uint32_t n_layer()   const { return layers.size(); }
     uint32_t n_head_kv() const { return n_head_kv_; }
     uint32_t head_dim()  const { return head_dim_; }
@@ -111,7 +110,6 @@ public:
     // validate and queue a plan; it is applied by the next memory update (before the next decode)
     // returns an empty string on success, else what is wrong (nothing is changed then)
     std::string submit_plan(const llama_arkv_layer_plan * plans);
-    bool has_pending_plan() const { return !pending.empty(); }
 
     // statistics of the next decode's last ubatch (see llama-arkv.h)
     void request_stats();
@@ -164,9 +162,6 @@ public:
     void set_input_k_idxs(ggml_tensor * dst, const llama_ubatch * ubatch) const;
     void set_input_kq_mask(ggml_tensor * dst, const llama_ubatch * ubatch, const layout & lay) const;
     void set_input_rot(ggml_tensor * dst) const;
-
-    // the queries scored in the ubatch being built
-    void count_scored(uint32_t n) { n_scored += n; }
 
 private:
     friend class llama_kv_cache_arkv_context;

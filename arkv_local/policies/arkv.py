@@ -25,6 +25,7 @@ class ARKV(HeavyHitter):
     tau: tuple[float, float, float] = TAU_TUNED
 
     name: ClassVar[str] = "arkv"
+    needs_stats: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -65,6 +65,8 @@ class Policy:
     slack: int = 64
 
     quantize: ClassVar[bool] = True  # whether the policy uses Q slots at all
+    needs_scores: ClassVar[bool] = False  # whether scores() reads the attention statistics
+    needs_stats: ClassVar[bool] = False   # whether ratios() reads the prefill statistics
     name: ClassVar[str] = "custom"
 
     def __post_init__(self) -> None:

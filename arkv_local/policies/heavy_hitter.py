@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -17,6 +18,8 @@ class HeavyHitter(Policy):
     group and smoothed over neighbouring tokens (width 5)."""
 
     gamma: float = 263.8
+
+    needs_scores: ClassVar[bool] = True
 
     def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
         lv = view.layers[layer]

@@ -1,0 +1,101 @@
+"""arkv-chat as a person uses it: in a pseudo-terminal, one-shot, and with piped input."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT = [sys.executable, "-m", "arkv_local.chat"]
+SMALL = ["--policy", "arkv", "--kv-budget", "256", "--max-tokens", "24", "--ctx", "2048"]
+STATUS = r"\[KV [\d.]+ MiB of [\d.]+ MiB; f16 would need [\d.]+ MiB \| \d+ tokens"
+
+
+@pytest.fixture
+def chat(smollm2: Path) -> pexpect.spawn:
+    child = pexpect.spawn(CHAT[0], CHAT[1:] + SMALL, cwd=REPO, encoding="utf-8", timeout=180,
+                          dimensions=(40, 200))
+    child.expect("/help for commands")
+    child.expect("> ")
+    yield child
+    child.close(force=True)
+
+
+def ask(child: pexpect.spawn, line: str) -> str:
+    """Send a line, return what came back before the next prompt."""
+    child.sendline(line)
+    child.expect("\r\n> ")
+    return child.before
+
+
+def test_a_conversation_in_a_terminal(chat: pexpect.spawn, tmp_path: Path) -> None:
+    out = ask(chat, "What is the capital of France?")
+    answer, _, status = out.partition("[KV ")
+    assert answer.replace("What is the capital of France?", "").strip()  # streamed text
+    assert re.search(STATUS, "[KV " + status)
+
+    # a long message: read with a progress bar, then the cache is tailored to its budget
+    out = ask(chat, "Summarize this: " + "The quick brown fox jumps over the lazy dog. " * 60)
+    assert "reading prompt" in out
+    e_per_head = int(re.search(r" E (\d+) \|", out).group(1))
+    assert e_per_head > 0
+
+    table = ask(chat, "/stats")
+    assert "O (f16)" in table and "Q (4-bit)" in table and "tailorings" in table
+    assert len([row for row in table.splitlines() if row.strip()[:2].strip().isdigit()]) >= 30
+
+    assert "unknown command /frobnicate" in ask(chat, "/frobnicate")
+    state = tmp_path / "chat.state"
+    assert "saved 4 messages" in ask(chat, f"/save {state}")
+    assert "conversation cleared" in ask(chat, "/reset")
+    assert "loaded 4 messages" in ask(chat, f"/load {state}")
+    assert "no such file" in ask(chat, f"/load {tmp_path / 'missing'}")
+    picture = tmp_path / "kv.png"
+    assert "plot saved" in ask(chat, f"/plot {picture}")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "/reset" in ask(chat, "/help")
+
+    # Ctrl-C stops an answer, not the chat
+    chat.sendline("Write a very long story about a dragon and a knight.")
+    chat.expect(r"\w+")
+    chat.sendintr()
+    chat.expect("\r\n> ")
+    assert chat.isalive()
+    assert re.search(STATUS, ask(chat, "Thanks!"))
+
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+    chat.wait()
+    assert chat.exitstatus == 0
+
+
+def test_one_shot_prints_only_the_answer(smollm2: Path) -> None:
+    run = subprocess.run(CHAT + SMALL + ["--prompt", "Say hello in French."], cwd=REPO,
+                         capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() and "[KV" not in run.stdout and "> " not in run.stdout
+
+
+def test_piped_input_answers_each_line(smollm2: Path) -> None:
+    run = subprocess.run(CHAT + SMALL, cwd=REPO, capture_output=True, text=True, timeout=180,
+                         input="Name a color.\n/stats\nName a fruit.\n")
+    assert run.returncode == 0, run.stderr
+    assert "O (f16)" in run.stdout and "[KV" not in run.stdout
+    before, _, after = run.stdout.partition("layer")
+    assert before.strip() and after.split("tailorings")[-1].strip()  # two answers
+
+
+def test_a_model_that_cannot_be_served_is_one_line(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"not a model")
+    run = subprocess.run(CHAT + ["--model", str(bogus)], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"arkv-chat: {bogus} is not a GGUF file (it starts with b'not ', not b'GGUF'): llama.cpp "
+        "loads only GGUF models; convert others with llama.cpp's convert_hf_to_gguf.py"]
