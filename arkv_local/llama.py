@@ -79,6 +79,7 @@ class Llama(llama_cpp.Llama):
             kwargs["n_ctx"] = shape.n_ctx_train  # positions may run past the physical cache
         with armed(params):
             super().__init__(os.fspath(path), **kwargs)
+        self._n_ctx_train = shape.n_ctx_train
         kv = TriStateKV(self.ctx)
         self._tailor = Tailor(kv, policy, layer_bytes, llama_cpp.llama_model_n_head(self.model))
 
@@ -89,8 +90,9 @@ class Llama(llama_cpp.Llama):
             return super().eval(tokens)
         tokens = list(tokens)
         if self.n_tokens + len(tokens) > self._n_ctx:
+            limit = "the model's trained limit" if self._n_ctx == self._n_ctx_train else "n_ctx"
             raise ValueError(f"{self.n_tokens + len(tokens)} positions exceed the context "
-                             f"window of {self._n_ctx} (the model's trained limit)")
+                             f"window of {self._n_ctx} ({limit})")
         memory = llama_cpp.llama_get_memory(self.ctx)
         if not llama_cpp.llama_memory_seq_rm(memory, -1, self.n_tokens, -1):
             # the cache was tailored past this point: re-read the kept prefix from scratch
