@@ -1,72 +1,14 @@
-"""`python -m arkv_local.bench speed`: prefill and decode tokens/s, tri-state memory vs stock."""
+"""`python -m arkv_local.bench`: `speed` (tok/s, tri-state vs stock) and `run` (the suite:
+fidelity, passkey, memory, speed, plots and docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
-import time
-from collections.abc import Callable
-from functools import partial
-
-import llama_cpp  # bound to our library: importing arkv_local.bench imported arkv_local first
-
-from ..memory import MemoryParams, open_llama
-from ..models import default_model_path, f16_slot_bytes
-
-
-def bench_text_tokens(llm: llama_cpp.Llama, n: int) -> list[int]:
-    """n tokens of deterministic text (Python's own sources)."""
-    import argparse as a
-    import textwrap as t
-
-    text = inspect.getsource(a) + inspect.getsource(t)
-    toks = llm.tokenize(text.encode())
-    while len(toks) < n:
-        toks += toks
-    return toks[:n]
-
-
-def measure(make: Callable[[], llama_cpp.Llama], depth: int, n_gen: int) -> tuple[float, float]:
-    """Prefill `depth` tokens, then decode `n_gen` one by one: (prefill tok/s, decode tok/s)."""
-    llm = make()
-    toks = bench_text_tokens(llm, depth + n_gen)
-    t0 = time.perf_counter()
-    llm.eval(toks[:depth])
-    t1 = time.perf_counter()
-    for tok in toks[depth:]:
-        llm.eval([tok])
-    t2 = time.perf_counter()
-    return depth / (t1 - t0), n_gen / (t2 - t1)
-
-
-def speed(args: argparse.Namespace) -> None:
-    path = args.model or str(default_model_path())
-    print(f"model {path}, threads {args.threads}, flash attention {args.flash_attn}")
-    print(f"{'depth':>6} {'cache':>36} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for depth in args.depths:
-        n_ctx = depth + args.n_gen + 256
-        common = dict(n_ctx=n_ctx, n_batch=512, n_threads=args.threads, verbose=False,
-                      flash_attn=args.flash_attn == "on", n_gpu_layers=args.n_gpu_layers)
-        budget = n_ctx * f16_slot_bytes(path)
-        makers = {
-            "stock f16": partial(llama_cpp.Llama, path, **common),
-            "tri-state, none evicted": partial(
-                open_llama, path, MemoryParams(budget, n_score_queries=0), **common),
-            "tri-state, none evicted, + scores": partial(
-                open_llama, path, MemoryParams(budget, n_score_queries=32), **common),
-        }
-        measure(makers["stock f16"], 64, 8)  # warm-up: page in the model
-        best = {name: (0.0, 0.0) for name in makers}
-        for _ in range(args.repeat):  # interleaved, best of each: shared machines are noisy
-            for name, make in makers.items():
-                pp, tg = measure(make, depth, args.n_gen)
-                best[name] = (max(best[name][0], pp), max(best[name][1], tg))
-        for name, (pp, tg) in best.items():
-            print(f"{depth:>6} {name:>36} {pp:>14.1f} {tg:>13.1f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the subcommand and run it."""
     p = argparse.ArgumentParser(prog="python -m arkv_local.bench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("speed", help="prefill/decode tokens/s, tri-state memory vs stock f16")
@@ -77,9 +19,36 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--flash-attn", choices=["on", "off"], default="on")
     s.add_argument("--n-gpu-layers", type=int, default=0)
+    r = sub.add_parser("run", help="the benchmark suite: tables, plots, BENCHMARKS.md")
+    r.add_argument("--quick", action="store_true", help="a small suite for CI (< 90 s)")
+    r.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    r.add_argument("--out", default="docs", help="folder for BENCHMARKS.md and the plots")
+    r.add_argument("--n-text", type=int, help="tokens of text for fidelity (4096; quick 600)")
+    r.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048])
+    r.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    r.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    r.add_argument("--speed-configs", nargs="+", default=["full", "quant", "window", "h2o",
+                                                          "arkv"])
+    r.add_argument("--speed-depths", type=int, nargs="+", default=[512, 4096])
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--repeat", type=int, default=2, help="speed runs per configuration")
+    r.add_argument("--skip", nargs="*", default=[], choices=["fidelity", "passkey", "speed"],
+                   help="sections to leave out")
+    o = sub.add_parser("_one", help=argparse.SUPPRESS)
+    o.add_argument("spec")
     args = p.parse_args(argv)
-    speed(args)
-    return 0
+    if args.cmd == "speed":
+        from .speed import speed
+
+        speed(args)
+        return 0
+    if args.cmd == "_one":
+        from .child import run_one
+
+        return run_one(args.spec)
+    from .suite import run
+
+    return run(args, argv)
 
 
 if __name__ == "__main__":

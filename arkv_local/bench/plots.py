@@ -1,0 +1,60 @@
+"""PNG plots of the suite (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_kld(fid: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Mean KLD against KV bytes: a line per policy over its fractions, llama.cpp's types as
+    points."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    kinds = sorted({r["kind"] for r in fid.values() if r["fraction"] is not None})
+    for kind in kinds:
+        rows = sorted((r for r in fid.values() if r["kind"] == kind), key=lambda r: r["kv_bytes"])
+        ax.plot([r["kv_bytes"] / 2**20 for r in rows], [max(r["kld"], 1e-6) for r in rows],
+                marker="o", label=kind)
+    shades = iter(["black", "dimgrey", "darkgrey"])
+    for name, r in fid.items():
+        if r["fraction"] is None and r["kind"] != "f16":
+            ax.scatter([r["kv_bytes"] / 2**20], [max(r["kld"], 1e-6)], marker="s", s=60,
+                       zorder=3, color=next(shades), label=f"llama.cpp {name}")
+    ax.axvline(fid["full"]["kv_bytes"] / 2**20, color="grey", ls=":", label="f16 (KLD 0)")
+    ax.set_xlabel("KV memory (MiB)")
+    ax.set_ylabel("mean KL divergence vs f16 cache")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_layers(layers: list[dict[str, Any]], n_tokens: int, path: Path) -> Path:
+    """Per-layer OQ ratio and stacked O/Q/E token counts of one run."""
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    xs = list(range(len(layers)))
+    a1.bar(xs, [lay["oq"] for lay in layers], color="tab:blue")
+    a1.set_ylabel("OQ ratio (f16 share)")
+    a1.set_title(f"ARKV at 25% of f16 memory, {n_tokens} tokens")
+    o = [lay["o"] for lay in layers]
+    q = [lay["q"] for lay in layers]
+    e = [lay["e"] for lay in layers]
+    a2.bar(xs, o, label="O (f16)", color="tab:green")
+    a2.bar(xs, q, bottom=o, label="Q (4-bit)", color="tab:orange")
+    a2.bar(xs, e, bottom=[a + b for a, b in zip(o, q, strict=True)], label="E (evicted)",
+           color="lightgrey")
+    a2.set_ylabel("tokens per KV head")
+    a2.set_xlabel("layer")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,46 @@
+"""`python -m arkv_local.bench run --quick`: exits 0, prints its table, writes plots and docs."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+QUICK_CONFIGS = ["full", "q4_0", "window@25%", "arkv@25%"]
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Rows of the fidelity table (the one with a 'mean KLD' column), by config name."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "| mean KLD |" in line)
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    rows["_header"] = header
+    return rows
+
+
+def test_quick_run(tmp_path: Path) -> None:
+    """The quick suite runs end to end; its numbers are sane and its files are written."""
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "arkv_local.bench", "run", "--quick",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                       timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = table_rows(p.stdout)
+    col = {name: i for i, name in enumerate(rows.pop("_header"))}
+    assert set(QUICK_CONFIGS) <= set(rows), rows.keys()
+    for name in QUICK_CONFIGS:
+        assert math.isfinite(float(rows[name][col["mean KLD"]])), rows[name]
+    assert float(rows["full"][col["mean KLD"]]) == 0.0
+    assert rows["full"][col["same top-1"]] == "100.0%"
+    arkv = rows["arkv@25%"]
+    assert float(arkv[col["KV MiB"]]) <= float(arkv[col["budget MiB"]])
+    for name in ("BENCHMARKS.md", "kld_vs_memory.png", "arkv_layers.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "kld_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
