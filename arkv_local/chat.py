@@ -85,32 +85,6 @@ def stats_table(stats: KVStats) -> str:
     return "\n".join(rows)
 
 
-def plot(stats: KVStats, path: str) -> None:
-    """Stacked bars of each layer's O/Q/E tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = range(len(stats.layers))
-    o = [x.n_o for x in stats.layers]
-    q = [x.n_q for x in stats.layers]
-    e = [x.n_e for x in stats.layers]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.bar(layers, o, label="O (f16)", color="#2b6cb0")
-    ax.bar(layers, q, bottom=o, label="Q (4-bit)", color="#63b3ed")
-    ax.bar(layers, e, bottom=[a + b for a, b in zip(o, q, strict=True)], label="E (evicted)",
-           color="#e2e8f0")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("tokens per KV head")
-    ax.set_title(f"KV cache after {stats.n_tokens} tokens: {mib(stats.bytes_used)} "
-                 f"(f16: {mib(stats.bytes_f16)})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 @dataclass
 class Chat:
     """One conversation with a model: history, streaming answers, commands."""
@@ -182,10 +156,14 @@ class Chat:
             self.load(arg)
         elif name == "/plot":
             try:
-                plot(self.llm.kv_stats(), arg)
-                print(f"(plot saved to {arg})", file=self.out)
+                from .bench.plots import plot_layers
             except ImportError:
                 print("/plot needs matplotlib: pip install matplotlib", file=self.out)
+            else:
+                stats = self.llm.kv_stats()
+                plot_layers(stats.layers, f"KV cache after {stats.n_tokens} tokens: "
+                            f"{mib(stats.bytes_used)} (f16: {mib(stats.bytes_f16)})", arg)
+                print(f"(plot saved to {arg})", file=self.out)
         else:
             print(f"unknown command {name}: /help lists them", file=self.out)
         return True

@@ -116,14 +116,15 @@ class Llama(llama_cpp.Llama):
 
     def kv_stats(self) -> KVStats:
         """KV memory in use and per layer O/Q/E counts (with "full": the f16 cache's)."""
+        # positions the cache holds (after reset(), llama_cpp's n_tokens is 0 before they go)
+        n = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self.ctx), 0) + 1
         if self._tailor is not None:
-            return self._tailor.kv_stats(self.n_tokens)
+            return self._tailor.kv_stats(n)
         shape = model_shape(self.model_path)
         per_token = shape.f16_slot_bytes * shape.n_layer
-        layers = [LayerKVStats(self.n_tokens, 0, 0, 1.0, self.n_tokens * shape.f16_slot_bytes)
+        layers = [LayerKVStats(n, 0, 0, 1.0, n * shape.f16_slot_bytes)
                   for _ in range(shape.n_layer)]
-        return KVStats(self.n_tokens * per_token, self._n_ctx * per_token,
-                       self.n_tokens * per_token, self.n_tokens, layers, 0, 0.0)
+        return KVStats(n * per_token, self._n_ctx * per_token, n * per_token, n, layers, 0, 0.0)
 
     def close(self) -> None:
         """As llama_cpp.Llama.close; also safe when __init__ refused its arguments early."""

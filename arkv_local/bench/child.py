@@ -132,22 +132,16 @@ def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def speed(cfg: dict[str, Any]) -> dict[str, Any]:
     """Prefill `depth` tokens, decode n_gen one by one; best of `repeat` runs, tailoring time."""
-    from .speed import bench_text_tokens
+    from .speed import timed
 
     model, depth, n_gen = cfg["model"], cfg["depth"], cfg["n_gen"]
     best = dict(prefill=0.0, decode=0.0, tailoring_seconds=float("inf"))
     for _ in range(cfg["repeat"]):
         llm = open_config(cfg, model, depth + n_gen + 256, int(cfg.get("fraction", 1.0) * depth),
                           n_batch=512)
-        toks = bench_text_tokens(llm, depth + n_gen)
-        t0 = time.perf_counter()
-        llm.eval(toks[:depth])
-        t1 = time.perf_counter()
-        for tok in toks[depth:]:
-            llm.eval([tok])
-        t2 = time.perf_counter()
-        best["prefill"] = max(best["prefill"], depth / (t1 - t0))
-        best["decode"] = max(best["decode"], n_gen / (t2 - t1))
+        prefill, decode = timed(llm, depth, n_gen)
+        best["prefill"] = max(best["prefill"], prefill)
+        best["decode"] = max(best["decode"], decode)
         best["tailoring_seconds"] = min(best["tailoring_seconds"],
                                         llm.kv_stats().tailoring_seconds)
         llm.close()

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..tailoring import LayerKVStats  # noqa: E402
+
 
 def plot_kld(fid: dict[str, dict[str, Any]], path: Path) -> Path:
     """Mean KLD against KV bytes: a line per policy over its fractions, llama.cpp's types as
@@ -37,16 +39,16 @@ def plot_kld(fid: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def plot_layers(layers: list[dict[str, Any]], n_tokens: int, path: Path) -> Path:
-    """Per-layer OQ ratio and stacked O/Q/E token counts of one run."""
+def plot_layers(layers: list[LayerKVStats], title: str, path: str | Path) -> Path:
+    """Per-layer OQ ratio and stacked O/Q/E token counts (also arkv-chat's /plot)."""
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     xs = list(range(len(layers)))
-    a1.bar(xs, [lay["oq"] for lay in layers], color="tab:blue")
+    a1.bar(xs, [lay.oq_ratio for lay in layers], color="tab:blue")
     a1.set_ylabel("OQ ratio (f16 share)")
-    a1.set_title(f"ARKV at 25% of f16 memory, {n_tokens} tokens")
-    o = [lay["o"] for lay in layers]
-    q = [lay["q"] for lay in layers]
-    e = [lay["e"] for lay in layers]
+    a1.set_title(title)
+    o = [lay.n_o for lay in layers]
+    q = [lay.n_q for lay in layers]
+    e = [lay.n_e for lay in layers]
     a2.bar(xs, o, label="O (f16)", color="tab:green")
     a2.bar(xs, q, bottom=o, label="Q (4-bit)", color="tab:orange")
     a2.bar(xs, e, bottom=[a + b for a, b in zip(o, q, strict=True)], label="E (evicted)",
@@ -57,4 +59,4 @@ def plot_layers(layers: list[dict[str, Any]], n_tokens: int, path: Path) -> Path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)

@@ -27,8 +27,12 @@ def bench_text_tokens(llm: llama_cpp.Llama, n: int) -> list[int]:
 
 
 def measure(make: Callable[[], llama_cpp.Llama], depth: int, n_gen: int) -> tuple[float, float]:
+    """The same as `timed` on a fresh Llama from `make`."""
+    return timed(make(), depth, n_gen)
+
+
+def timed(llm: llama_cpp.Llama, depth: int, n_gen: int) -> tuple[float, float]:
     """Prefill `depth` tokens, then decode `n_gen` one by one: (prefill tok/s, decode tok/s)."""
-    llm = make()
     toks = bench_text_tokens(llm, depth + n_gen)
     t0 = time.perf_counter()
     llm.eval(toks[:depth])

@@ -237,7 +237,11 @@ def plots(rep: Report, fid: dict[str, dict[str, Any]], n_text: int, out: Path) -
 
     arkv_name = "arkv@25%"
     plot_kld(fid, out / "kld_vs_memory.png")
-    plot_layers(fid[arkv_name]["layers"], n_text, out / "arkv_layers.png")
+    from ..tailoring import LayerKVStats
+
+    layers = [LayerKVStats(lay["o"], lay["q"], lay["e"], lay["oq"], 0)
+              for lay in fid[arkv_name]["layers"]]
+    plot_layers(layers, f"ARKV at 25% of f16 memory, {n_text} tokens", out / "arkv_layers.png")
     rep.add("![mean KLD against KV memory](kld_vs_memory.png)", "",
             "![ARKV at 25%: per-layer OQ ratio and O/Q/E counts](arkv_layers.png)", "",
             "ARKV at 25%, per layer (tokens per KV head): "
