@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import sys
 from pathlib import Path
 
 import llama_cpp
@@ -144,10 +145,11 @@ def test_errors_are_named_before_anything_changes(smollm2: Path, tokens: list[in
     assert llm.kv_stats() == before
 
 
-def test_the_custom_policy_example_runs(tmp_path: Path) -> None:
+def test_the_custom_policy_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = importlib.util.spec_from_file_location(
         "custom_policy", Path(__file__).parent.parent / "examples" / "custom_policy.py")
     example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "custom_policy", example)  # @dataclass looks it up
     spec.loader.exec_module(example)
     path = tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
     llm = Llama(path, kv_policy=example.Recency(o_share=0.25), kv_budget=200, verbose=False)
