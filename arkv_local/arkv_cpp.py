@@ -70,6 +70,7 @@ def llama_arkv_version() -> bytes:
 #     enum ggml_type type_q;
 #     bool           rotate;
 #     uint32_t       n_score_queries;
+#     bool           fused;
 # };
 class llama_arkv_params(ctypes.Structure):
     """Parameters of the tri-state KV memory (see llama-arkv.h)."""
@@ -80,6 +81,7 @@ class llama_arkv_params(ctypes.Structure):
         ("type_q", ctypes.c_int),
         ("rotate", ctypes.c_bool),
         ("n_score_queries", ctypes.c_uint32),
+        ("fused", ctypes.c_bool),
     ]
 
 

@@ -28,6 +28,7 @@ class MemoryParams:
     quant: str = "q4_0"
     rotate: bool = True
     n_score_queries: int = 32
+    fused: bool = True  # decode through the fused CPU attention (False: the dequantizing path)
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -47,6 +48,7 @@ class MemoryParams:
             QUANT_TYPES[self.quant],
             self.rotate,
             self.n_score_queries,
+            self.fused,
         )
         arkv_cpp.llama_arkv_arm(ctypes.byref(p))
 

@@ -33,6 +33,12 @@ QUANT_CAP_O = 128  # O slots after the quantizing plan: the rest of the budget i
 
 Keep = list[list[set[int]]]  # [layer][kv head] -> positions
 
+# How a decoded token attends: (flash_attn, fused). "fused" is the one-pass CPU kernel that reads
+# Q4_0 rows as they are (llama-arkv-attn-cpu.cpp); the others dequantize Q rows to f16 and run
+# llama.cpp's attention. The fused kernel rounds like flash attention or better (f32 V sums):
+# it is held to flash attention's tolerances.
+ATTN = {"mul_mat": (False, False), "flash": (True, False), "fused": (True, True)}
+
 # Tolerances on |logit| errors (logits reach ~1.4), keyed by flash_attn where they differ; in
 # brackets the largest error measured over 21 seeds on CPU. The reference rounds K and V to f16
 # as the cache stores them, and without flash attention Q and the probabilities too, as ggml's
@@ -236,22 +242,24 @@ def per_head_plan(mem: TriStateKV, rng: np.random.Generator, counts: list[tuple[
     return plan, keep, quantized
 
 
-def open_memory(path: Path, flash_attn: bool = False) -> tuple[llama_cpp.Llama, TriStateKV]:
+def open_memory(path: Path, flash_attn: bool = False,
+                fused: bool = True) -> tuple[llama_cpp.Llama, TriStateKV]:
     """A context whose tri-state memory holds BUDGET f16 tokens per layer, without rotation so
     that the cache holds K and V in the model's own basis, as the reference does."""
     # K+V f16 bytes of one token of one layer: 2 * 2 bytes * (rows of attn_k = n_head_kv * D)
     budget = BUDGET * 4 * load_model(str(path))[0]["blk.0.attn_k.weight"].shape[0]
-    llm = open_llama(str(path), MemoryParams(budget, rotate=False), **CTX, flash_attn=flash_attn)
+    params = MemoryParams(budget, rotate=False, fused=fused)
+    llm = open_llama(str(path), params, **CTX, flash_attn=flash_attn)
     return llm, TriStateKV(llm.ctx)
 
 
-def run_plan(path: Path, flash_attn: bool, counts: list[tuple[int, int]], cap_o: int):
-    """Prefill N_PAST tokens, apply a per-head plan, decode N_NEXT tokens one at a time.
-    Returns (tokens, logits of the new tokens, llama (owns the memory), memory, keep,
-    quantized)."""
+def run_plan(path: Path, attn: str, counts: list[tuple[int, int]], cap_o: int):
+    """Prefill N_PAST tokens, apply a per-head plan, decode N_NEXT tokens one at a time with
+    the attention path `attn` (ATTN). Returns (tokens, logits of the new tokens, llama (owns
+    the memory), memory, keep, quantized)."""
     rng = np.random.default_rng(SEED)
     tokens = random_tokens(path, N_PAST + N_NEXT, rng)
-    llm, mem = open_memory(path, flash_attn)
+    llm, mem = open_memory(path, *ATTN[attn])
     llm.eval(tokens[:N_PAST])
     plan, keep, quantized = per_head_plan(mem, rng, counts, cap_o)
     mem.submit(plan)
@@ -322,10 +330,11 @@ def test_reference_matches_stock_llama_cpp(tiny_llama: Path, flash_attn: bool) -
     assert np.abs(stock.scores[:N_PAST] - ref).max() <= TOL_STOCK
 
 
-@pytest.mark.parametrize("flash_attn", [False, True])
-def test_per_head_eviction_matches_reference(tiny_llama: Path, flash_attn: bool) -> None:
+@pytest.mark.parametrize("attn", ATTN)
+def test_per_head_eviction_matches_reference(tiny_llama: Path, attn: str) -> None:
     # each KV head keeps its own random 120 positions of layer 0 and 60 of layer 1
-    tokens, got, _, _, keep, _ = run_plan(tiny_llama, flash_attn, [(120, 0), (60, 0)], BUDGET)
+    flash_attn = ATTN[attn][0]
+    tokens, got, _, _, keep, _ = run_plan(tiny_llama, attn, [(120, 0), (60, 0)], BUDGET)
     assert keep[0][0] != keep[0][1] and keep[1][0] != keep[1][1]
     ref = reference_logits(tiny_llama, tokens, keep, N_NEXT, f16_qp=not flash_attn)[N_PAST:]
     assert np.abs(got - ref).max() <= TOL_EVICT[flash_attn]
@@ -335,10 +344,11 @@ def test_per_head_eviction_matches_reference(tiny_llama: Path, flash_attn: bool)
     assert np.abs(got - ref_swapped[N_PAST:]).max() > 0.1
 
 
-@pytest.mark.parametrize("flash_attn", [False, True])
-def test_per_head_quantization_matches_reference(tiny_llama: Path, flash_attn: bool) -> None:
+@pytest.mark.parametrize("attn", ATTN)
+def test_per_head_quantization_matches_reference(tiny_llama: Path, attn: str) -> None:
     # each KV head keeps its own random rows in O, quantizes others to Q4_0, evicts the rest
-    tokens, got, _, _, keep, quantized = run_plan(tiny_llama, flash_attn, QUANT_COUNTS, QUANT_CAP_O)
+    flash_attn = ATTN[attn][0]
+    tokens, got, _, _, keep, quantized = run_plan(tiny_llama, attn, QUANT_COUNTS, QUANT_CAP_O)
     ref = reference_logits(tiny_llama, tokens, keep, N_NEXT, quantized, not flash_attn)[N_PAST:]
     assert np.abs(got - ref).max() <= TOL_QUANT[flash_attn]
     # the quantization itself is far outside the tolerance: the same rows read in f16
@@ -371,12 +381,12 @@ def test_quantized_rows_are_ggml_q4_0_of_their_o_rows(tiny_llama: Path) -> None:
                 np.testing.assert_array_equal(new[kv + "_o"][:-1, h], o_rows[src_o])
 
 
-@pytest.mark.parametrize("flash_attn", [False, True])
-def test_scores_sum_the_decoded_queries_attention(tiny_llama: Path, flash_attn: bool) -> None:
+@pytest.mark.parametrize("attn", ATTN)
+def test_scores_sum_the_decoded_queries_attention(tiny_llama: Path, attn: str) -> None:
     # after the plan (which resets them), each decoded query adds, per slot and KV head, the
     # attention probability of its GQA group of query heads on the slot's token, and its square
-    tokens, _, llm, mem, keep, quantized = run_plan(tiny_llama, flash_attn, QUANT_COUNTS,
-                                                    QUANT_CAP_O)
+    flash_attn = ATTN[attn][0]
+    tokens, _, llm, mem, keep, quantized = run_plan(tiny_llama, attn, QUANT_COUNTS, QUANT_CAP_O)
     _, probs = reference_forward(tiny_llama, tokens, keep, N_NEXT, quantized, not flash_attn)
     scores = mem.scores()
     assert scores.n_queries == N_NEXT

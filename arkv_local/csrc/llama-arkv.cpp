@@ -28,6 +28,7 @@ struct llama_arkv_params llama_arkv_default_params(void) {
     p.type_q          = GGML_TYPE_Q4_0;
     p.rotate          = true;
     p.n_score_queries = 32;
+    p.fused           = true;
     return p;
 }
 

@@ -20,6 +20,7 @@ extern "C" {
         enum ggml_type type_q;          // Q pool type: GGML_TYPE_Q4_0 (default), Q4_1 or Q8_0
         bool           rotate;          // Walsh-Hadamard rotation of K and V (both pools), as llama.cpp's quantized caches
         uint32_t       n_score_queries; // last queries of each ubatch whose attention is accumulated (0: none)
+        bool           fused;           // small ubatches on host pools use the fused CPU attention (when built in)
     };
 
     struct llama_arkv_layer_info {

@@ -1,4 +1,5 @@
 #include "llama-kv-cache-arkv.h"
+#include "llama-arkv-attn-cpu.h"
 
 #include "llama-arch.h"
 #include "llama-batch.h"
@@ -20,6 +21,7 @@
 //   div, scale, scale_bias, log, clamp, cpy (F32)
 
 static constexpr uint32_t ARKV_N_KV_PAD = 256; // O rows read are padded so graphs can be reused
+static constexpr int64_t ARKV_FUSED_MAX_TOKENS = 8; // larger ubatches amortize dequantizing into f16
 
 // the O pool's padded row count for n rows in use
 static uint32_t arkv_pad_o(uint32_t n, uint32_t cap) {
@@ -817,9 +819,9 @@ void llama_kv_cache_arkv::build_stats(ggml_context * ctx0, ggml_cgraph * gf, con
     ggml_build_forward_expand(gf, ggml_cpy(ctx0, st, l.stats));
 }
 
-void llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_input_attn_kv_arkv * inp,
-                                   ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale, int il,
-                                   ggml_tensor ** k_out, ggml_tensor ** v_out) const {
+ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_input_attn_kv_arkv * inp,
+                                            ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale,
+                                            int il, ggml_tensor ** k_out, ggml_tensor ** v_out) const {
     ggml_context * ctx0 = gctx.ctx0;
     ggml_cgraph  * gf   = gctx.gf;
 
@@ -835,10 +837,30 @@ void llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_input_att
 
     // store the ubatch's K/V into the O pool
     ggml_tensor * idxs = ggml_view_1d(ctx0, inp->self_k_idxs, n_tokens, li*n_tokens*ggml_element_size(inp->self_k_idxs));
-    for (auto [cur, pool] : { std::make_pair(k_cur, l.k_o), std::make_pair(v_cur, l.v_o) }) {
+    ggml_tensor * stored[2];
+    for (int i = 0; i < 2; ++i) {
+        ggml_tensor * cur = i == 0 ? k_cur : v_cur;
         GGML_ASSERT(ggml_row_size(cur->type, D) == cur->nb[1]);
         ggml_tensor * rows = ggml_view_2d(ctx0, cur, D*H, n_tokens, cur->nb[2], 0);
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, pool, rows, idxs));
+        stored[i] = ggml_set_rows(ctx0, i == 0 ? l.k_o : l.v_o, rows, idxs);
+        ggml_build_forward_expand(gf, stored[i]);
+    }
+
+    // small ubatches on host pools: one fused pass that reads Q rows as they are and yields the scores
+    const int64_t n_sel = std::min<int64_t>(n_tokens, params.n_score_queries);
+    if (params.fused && n_tokens <= ARKV_FUSED_MAX_TOKENS && !inp->lay.stats && (v.n_q > 0 || n_sel > 0) &&
+        !gctx.hparams.attn_soft_cap && llama_arkv_attn_cpu_available() && ggml_backend_buffer_is_host(l.k_o->buffer)) {
+        llama_arkv_attn_params & ap = inp->attn[li];
+        ap.scale   = kq_scale;
+        ap.n_head  = q_cur->ne[1];
+        ap.n_q     = v.n_q;
+        ap.n_o     = v.n_o_pad;
+        ap.start   = v.start;
+        ap.n_sel   = n_sel;
+        ap.n_chunk = std::clamp<int32_t>(n_kv/64, 1, 64);
+        const bool q_rows = v.n_q > 0;
+        return llama_arkv_attn_cpu(ctx0, q_cur, q_rows ? l.k_q : nullptr, q_rows ? l.v_q : nullptr, stored[0], stored[1],
+                                   inp->self_kq_mask, n_sel && q_rows ? l.acc_q : nullptr, n_sel ? l.acc_o : nullptr, &ap);
     }
 
     // [Q rows dequantized to f16 | O rows], viewed as [D, H, n_kv]
@@ -863,7 +885,6 @@ void llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_input_att
     inp->self_kq_mask_cnv = mask; // read by build_attn right after this hook, for this layer
 
     // heavy-hitter statistics: attention of the last queries, summed over them and over the GQA group
-    const int64_t n_sel = std::min<int64_t>(n_tokens, params.n_score_queries);
     if (n_sel > 0) {
         const int64_t n_head = q_cur->ne[1];
         const int64_t G = n_head/H;
@@ -898,6 +919,7 @@ void llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_input_att
 
     *k_out = k;
     *v_out = vv;
+    return nullptr;
 }
 
 //
@@ -1079,6 +1101,7 @@ llm_graph_input_attn_kv * llama_arkv_build_attn_inp(const llm_graph_context & gc
 
     auto inp = std::make_unique<llm_graph_input_attn_kv_arkv>(gctx.hparams, gctx.cparams, mctx);
     inp->lay = mctx->get_layout();
+    inp->attn.resize(kv->n_layer()); // never resized again: the fused ops point into it
 
     inp->self_k_idxs = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, n_tokens*kv->n_layer());
     ggml_set_input(inp->self_k_idxs);
@@ -1115,11 +1138,11 @@ llm_graph_input_attn_kv * llama_arkv_build_attn_inp(const llm_graph_context & gc
     return (llm_graph_input_attn_kv *) gctx.res->add_input(std::move(inp));
 }
 
-void llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_attn_kv * inp,
-                              ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
-                              float kq_scale, int il, ggml_tensor ** k, ggml_tensor ** v) {
+ggml_tensor * llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_attn_kv * inp,
+                                       ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                       float kq_scale, int il, ggml_tensor ** k, ggml_tensor ** v) {
     auto * ia = static_cast<llm_graph_input_attn_kv_arkv *>(inp);
-    ia->mctx_arkv->get_kv()->build_kv(const_cast<llm_graph_context &>(gctx), ia, q_cur, k_cur, v_cur, kq_scale, il, k, v);
+    return ia->mctx_arkv->get_kv()->build_kv(const_cast<llm_graph_context &>(gctx), ia, q_cur, k_cur, v_cur, kq_scale, il, k, v);
 }
 
 uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem) {

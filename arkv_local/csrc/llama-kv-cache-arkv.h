@@ -7,12 +7,14 @@
 // A slot may hold different tokens in different heads; all heads of a layer hold equal counts.
 //
 // Attention reads, per layer, [Q rows dequantized to f16 | O rows] and runs the stock
-// build_attn_mha over them. New tokens are appended to O. Which tokens move O->Q or get evicted
+// build_attn_mha over them; small ubatches on the CPU take a fused pass that reads Q rows as they
+// are (llama-arkv-attn-cpu.h). New tokens are appended to O. Which tokens move O->Q or get evicted
 // is decided outside (a plan from Python), applied here as a get_rows/set_rows graph.
 
 #pragma once
 
 #include "llama-arkv.h"
+#include "llama-arkv-attn-cpu.h"
 #include "llama-graph.h"
 #include "llama-memory.h"
 
@@ -150,11 +152,12 @@ public:
 
     ggml_tensor * build_input_rot(ggml_context * ctx, int64_t n) const;
 
-    // store K/V of the current ubatch into O and return the f16 K/V each layer attends over,
-    // [head_dim, n_head_kv, n_kv]; accumulates scores for the last n_score_queries queries
-    void build_kv(llm_graph_context & gctx, class llm_graph_input_attn_kv_arkv * inp,
-                  ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale, int il,
-                  ggml_tensor ** k_out, ggml_tensor ** v_out) const;
+    // store K/V of the current ubatch into O and accumulate scores for the last n_score_queries
+    // queries; returns the attention output when it computed it (fused, llama-arkv-attn-cpu.h),
+    // else nullptr and the f16 K/V to attend over, [head_dim, n_head_kv, n_kv]
+    ggml_tensor * build_kv(llm_graph_context & gctx, class llm_graph_input_attn_kv_arkv * inp,
+                           ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale, int il,
+                           ggml_tensor ** k_out, ggml_tensor ** v_out) const;
 
     void build_stats(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, ggml_tensor * p, int64_t n_nw) const;
 
@@ -218,6 +221,8 @@ public:
 
     llama_kv_cache_arkv::layout lay; // what the graph was built for
 
+    std::vector<llama_arkv_attn_params> attn; // [n_layer]: the fused attention ops' parameters
+
     const llama_kv_cache_arkv_context * mctx_arkv;
 };
 
@@ -251,11 +256,12 @@ private:
     llama_kv_cache_arkv::layout lay;
 };
 
-// graph hooks, called from llama-graph.cpp (see patches/)
+// graph hooks, called from llama-graph.cpp (see patches/); build_attn_kv returns the attention
+// output when it computed it, else nullptr and k/v for the stock build_attn_mha
 llm_graph_input_attn_kv * llama_arkv_build_attn_inp(const llm_graph_context & gctx);
-void llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_attn_kv * inp,
-                              ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
-                              float kq_scale, int il, ggml_tensor ** k, ggml_tensor ** v);
+ggml_tensor * llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_attn_kv * inp,
+                                       ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                       float kq_scale, int il, ggml_tensor ** k, ggml_tensor ** v);
 
 // context hook: graph nodes the memory adds to the model's graph (0 if it is not ARKV)
 uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem);
