@@ -39,7 +39,7 @@ def open_config(cfg: dict[str, Any], model: str, n_ctx: int, budget_tokens: int,
     if kind in LLAMA_TYPES:
         t = LLAMA_TYPES[kind][0]
         return Llama(model, type_k=t, type_v=t, **common)
-    return Llama(model, kv_policy=kind, kv_budget=budget_tokens, **common)
+    return Llama(model, kv_policy=kind, kv_budget=budget_tokens, **cfg.get("knobs", {}), **common)
 
 
 def kv_bytes(cfg: dict[str, Any], llm: Llama, model: str) -> int:

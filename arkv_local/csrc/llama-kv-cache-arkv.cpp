@@ -846,9 +846,10 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
         ggml_build_forward_expand(gf, stored[i]);
     }
 
-    // small ubatches on host pools: one fused pass that reads Q rows as they are and yields the scores
+    // small ubatches over Q rows in host pools: one fused pass that reads Q rows as they are and yields
+    // the scores (layers with only O rows keep llama.cpp's attention: bit-exact with the stock cache)
     const int64_t n_sel = std::min<int64_t>(n_tokens, params.n_score_queries);
-    if (params.fused && n_tokens <= ARKV_FUSED_MAX_TOKENS && !inp->lay.stats && (v.n_q > 0 || n_sel > 0) &&
+    if (params.fused && n_tokens <= ARKV_FUSED_MAX_TOKENS && !inp->lay.stats && v.n_q > 0 &&
         !gctx.hparams.attn_soft_cap && llama_arkv_attn_cpu_available() && ggml_backend_buffer_is_host(l.k_o->buffer)) {
         llama_arkv_attn_params & ap = inp->attn[li];
         ap.scale   = kq_scale;
@@ -858,9 +859,8 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
         ap.start   = v.start;
         ap.n_sel   = n_sel;
         ap.n_chunk = std::clamp<int32_t>(n_kv/64, 1, 64);
-        const bool q_rows = v.n_q > 0;
-        return llama_arkv_attn_cpu(ctx0, q_cur, q_rows ? l.k_q : nullptr, q_rows ? l.v_q : nullptr, stored[0], stored[1],
-                                   inp->self_kq_mask, n_sel && q_rows ? l.acc_q : nullptr, n_sel ? l.acc_o : nullptr, &ap);
+        return llama_arkv_attn_cpu(ctx0, q_cur, l.k_q, l.v_q, stored[0], stored[1], inp->self_kq_mask,
+                                   n_sel ? l.acc_q : nullptr, n_sel ? l.acc_o : nullptr, &ap);
     }
 
     // [Q rows dequantized to f16 | O rows], viewed as [D, H, n_kv]
