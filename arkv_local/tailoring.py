@@ -56,6 +56,7 @@ class Tailor:
 
     def start_sequence(self) -> None:
         """A new sequence: measure its prefill statistics again."""
+        self.policy.reset()
         self.stats: np.ndarray | None = None
         self.ratios = np.ones(self.kv.n_layer)
         self.measuring = self.policy.needs_stats

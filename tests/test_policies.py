@@ -43,6 +43,10 @@ def test_smoothing_follows_positions_not_slots() -> None:
     # in position order: [0, 5, 10, 0, 0]; width-5 mean with zero padding
     expected_by_pos = np.array([15, 15, 15, 15, 10]) / 5
     np.testing.assert_allclose(smooth_by_position(score, pos), expected_by_pos[np.argsort(pos)])
+    # fewer tokens than the width: still one score per token, the same zero padding
+    np.testing.assert_allclose(smooth_by_position(np.array([5.0, 10.0]), np.array([3, 1])),
+                               [15 / 5, 15 / 5])
+    np.testing.assert_allclose(smooth_by_position(np.array([1.0]), np.array([0])), [0.2])
 
 
 def layer(pos_o: list[list[int]], mass_o: list[list[float]], pos_q: list[list[int]] | None = None,
@@ -76,7 +80,7 @@ def test_plan_keeps_window_and_heavy_hitters_then_quantizes_then_evicts() -> Non
     mass = [[0.1, 0.9], [0.8, 0.1], [0.3, 0.2], [0.9, 0.3], [0.2, 0.8], [0.5, 0.7],
             [0.0, 0.0], [0.0, 0.0]]
     view = KVView([layer(pos, mass)], n_queries=4, group=1, stats=None, pos_max=7)
-    (plan,) = Half(window=2, slack=1).plan(view, BUDGET, room=1)
+    (plan,) = Half(window=2, sinks=0, slack=1).plan(view, BUDGET, room=1)
     assert plan.cap_o == 2 + 3 + 1
     # head 0 keeps positions 1, 3, 5 (mass .8, .9, .5); head 1 keeps 0, 4, 5 (.9, .8, .7)
     assert plan.o_src[:, 0].tolist() == [1, 3, 5, 6, 7]
@@ -92,11 +96,11 @@ def test_plan_evicts_what_the_bytes_do_not_buy() -> None:
     mass = [[0.1], [0.8], [0.3], [0.9], [0.2], [0.5], [0.0], [0.0]]
     view = KVView([layer(pos, mass)], 4, 1, None, 7)
     budget = Budget(60, 10, 3, lambda cap_o: 100)
-    (plan,) = ByMass(window=2, slack=1).plan(view, budget, room=1)
+    (plan,) = ByMass(window=2, sinks=0, slack=1).plan(view, budget, room=1)
     assert plan.o_src[:, 0].tolist() == [1, 3, 5, 6, 7]
     assert len(plan.q_src) == 0  # 0.1, 0.3 and 0.2 are evicted
     # a quantizing half split: 15 bytes of O -> 1 slot; 20 bytes of Q -> 6 slots, 5 tokens left
-    (plan,) = Half(window=2, slack=1).plan(view, budget, room=1)
+    (plan,) = Half(window=2, sinks=0, slack=1).plan(view, budget, room=1)
     assert plan.o_src[:, 0].tolist() == [3, 6, 7]
     assert plan.q_src[:, 0].tolist() == [0, 1, 2, 4, 5]
 
@@ -106,7 +110,8 @@ def test_quantized_tokens_never_return_to_o() -> None:
     # 50 bytes: window + room 30, 20 left, half -> 1 O slot, 10 bytes -> 3 Q slots
     view = KVView([layer([[1], [2], [3], [4]], [[0.2], [0.1], [0.0], [0.0]],
                          pos_q=[[0]], mass_q=[[0.9]])], 4, 1, None, 4)
-    (plan,) = Half(window=2, slack=1).plan(view, Budget(50, 10, 3, lambda c: 100), room=1)
+    (plan,) = Half(window=2, sinks=0, slack=1).plan(view, Budget(50, 10, 3, lambda c: 100),
+                                                    room=1)
     assert plan.o_src[:, 0].tolist() == [0, 2, 3]  # O slots 0, 2, 3 = positions 1, 3, 4
     assert plan.q_src[:, 0].tolist() == [0, 1] and plan.q_from_o[:, 0].tolist() == [False, True]
 
@@ -132,14 +137,38 @@ def test_baselines_use_their_states() -> None:
                   4, 1, np.array([[1.0, 1.0, 1.0]]), 39)
     budget = Budget(200, 10, 3, lambda cap_o: 100)
     (w,) = Window(window=4, sinks=0, slack=2).plan(view, budget, room=2)
-    (h,) = H2O(window=4, slack=2).plan(view, budget, room=2)
-    (q,) = Quant(window=4, slack=2).plan(view, budget, room=2)
-    (a,) = ARKV(window=4, slack=2).plan(view, budget, room=2)
+    (h,) = H2O(window=4, sinks=0, slack=2).plan(view, budget, room=2)
+    (q,) = Quant(window=4, sinks=0, slack=2).plan(view, budget, room=2)
+    (a,) = ARKV(window=4, sinks=0, slack=2).plan(view, budget, room=2)
     assert len(w.q_src) == len(h.q_src) == 0          # eviction only
     assert w.o_src[:, 0].tolist() == list(range(22, 40))  # the window and the newest 14
     assert h.o_src[:, 0].tolist()[:3] == [0, 1, 2]        # the heaviest (earliest) ones
     assert len(q.o_src) == 4 and len(q.q_src) == 36       # everything but the window in Q
     assert len(a.o_src) == 18 and len(a.q_src) == 0       # one layer: rho = 1
+
+
+def test_heavy_hitter_ema_blends_scores_by_position() -> None:
+    # two tailorings: positions 0-3, then 1-5 (0 evicted, 4 and 5 new); one head, 2 queries
+    first = layer([[0], [1], [2], [3]], [[0.4], [0.2], [0.1], [0.3]])
+    second = layer([[1], [2], [3], [4], [5]], [[0.1], [0.5], [0.3], [0.0], [0.1]])
+
+    def hh(lv: LayerView) -> np.ndarray:  # what one tailoring alone scores
+        n = 2 * 1
+        raw = heavy_hitter(lv.mass_o, lv.mass_sq_o, n, 0.8)[:, 0]
+        return smooth_by_position(raw, lv.pos_o[:, 0])
+
+    policy = H2O(gamma=0.8, ema=0.25)
+    s1, _ = policy.scores(KVView([first], 2, 1, None, 3), 0)
+    np.testing.assert_allclose(s1[:, 0], hh(first))  # nothing to remember yet
+    s2, _ = policy.scores(KVView([second], 2, 1, None, 5), 0)
+    want = hh(second)
+    want[:3] = 0.25 * hh(first)[1:] + 0.75 * want[:3]  # positions 1-3 were scored before
+    np.testing.assert_allclose(s2[:, 0], want)
+    policy.reset()  # a new sequence forgets
+    s3, _ = policy.scores(KVView([second], 2, 1, None, 5), 0)
+    np.testing.assert_allclose(s3[:, 0], hh(second))
+    with pytest.raises(ValueError, match="ema must be in"):
+        H2O(ema=1.0)
 
 
 def test_policy_errors_name_the_problem() -> None:

@@ -253,8 +253,8 @@ def open_memory(path: Path, flash_attn: bool = False,
     return llm, TriStateKV(llm.ctx)
 
 
-def run_plan(path: Path, attn: str, counts: list[tuple[int, int]], cap_o: int):
-    """Prefill N_PAST tokens, apply a per-head plan, decode N_NEXT tokens one at a time with
+def run_plan(path: Path, attn: str, counts: list[tuple[int, int]], cap_o: int, step: int = 1):
+    """Prefill N_PAST tokens, apply a per-head plan, decode N_NEXT tokens `step` at a time with
     the attention path `attn` (ATTN). Returns (tokens, logits of the new tokens, llama (owns
     the memory), memory, keep, quantized)."""
     rng = np.random.default_rng(SEED)
@@ -263,8 +263,8 @@ def run_plan(path: Path, attn: str, counts: list[tuple[int, int]], cap_o: int):
     llm.eval(tokens[:N_PAST])
     plan, keep, quantized = per_head_plan(mem, rng, counts, cap_o)
     mem.submit(plan)
-    for t in range(N_PAST, N_PAST + N_NEXT):
-        llm.eval(tokens[t:t + 1])  # one query per ubatch: each is scored
+    for t in range(N_PAST, N_PAST + N_NEXT, step):
+        llm.eval(tokens[t:t + step])  # every query of these small ubatches is scored
     logits = llm.scores[N_PAST:N_PAST + N_NEXT].astype(np.float64)
     # the plan's rows landed where it said, per head; the new tokens follow in O
     pos_o, pos_q = mem.positions()
@@ -344,11 +344,13 @@ def test_per_head_eviction_matches_reference(tiny_llama: Path, attn: str) -> Non
     assert np.abs(got - ref_swapped[N_PAST:]).max() > 0.1
 
 
+@pytest.mark.parametrize("step", [1, N_NEXT])  # N_NEXT: one ubatch, causal within it
 @pytest.mark.parametrize("attn", ATTN)
-def test_per_head_quantization_matches_reference(tiny_llama: Path, attn: str) -> None:
+def test_per_head_quantization_matches_reference(tiny_llama: Path, attn: str, step: int) -> None:
     # each KV head keeps its own random rows in O, quantizes others to Q4_0, evicts the rest
     flash_attn = ATTN[attn][0]
-    tokens, got, _, _, keep, quantized = run_plan(tiny_llama, attn, QUANT_COUNTS, QUANT_CAP_O)
+    tokens, got, _, _, keep, quantized = run_plan(tiny_llama, attn, QUANT_COUNTS, QUANT_CAP_O,
+                                                  step)
     ref = reference_logits(tiny_llama, tokens, keep, N_NEXT, quantized, not flash_attn)[N_PAST:]
     assert np.abs(got - ref).max() <= TOL_QUANT[flash_attn]
     # the quantization itself is far outside the tolerance: the same rows read in f16
@@ -381,12 +383,14 @@ def test_quantized_rows_are_ggml_q4_0_of_their_o_rows(tiny_llama: Path) -> None:
                 np.testing.assert_array_equal(new[kv + "_o"][:-1, h], o_rows[src_o])
 
 
+@pytest.mark.parametrize("step", [1, N_NEXT])
 @pytest.mark.parametrize("attn", ATTN)
-def test_scores_sum_the_decoded_queries_attention(tiny_llama: Path, attn: str) -> None:
+def test_scores_sum_the_decoded_queries_attention(tiny_llama: Path, attn: str, step: int) -> None:
     # after the plan (which resets them), each decoded query adds, per slot and KV head, the
     # attention probability of its GQA group of query heads on the slot's token, and its square
     flash_attn = ATTN[attn][0]
-    tokens, _, llm, mem, keep, quantized = run_plan(tiny_llama, attn, QUANT_COUNTS, QUANT_CAP_O)
+    tokens, _, llm, mem, keep, quantized = run_plan(tiny_llama, attn, QUANT_COUNTS, QUANT_CAP_O,
+                                                    step)
     _, probs = reference_forward(tiny_llama, tokens, keep, N_NEXT, quantized, not flash_attn)
     scores = mem.scores()
     assert scores.n_queries == N_NEXT

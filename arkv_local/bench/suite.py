@@ -217,6 +217,13 @@ def reading(rep: Report, fid: dict[str, dict[str, Any]], pk: dict[str, dict[str,
         ok = pk["arkv@25%"]["accuracy"] >= pk["full"]["accuracy"]
         rep.add(f"- passkey accuracy equal to full: **{'met' if ok else 'not met'}** "
                 f"(arkv@25% {pk['arkv@25%']['accuracy']:.0%}, full {pk['full']['accuracy']:.0%}).")
+        if not ok:
+            rep.add("  Why: at 25% of a prompt's f16 bytes, tokens must be evicted while the "
+                    "prompt is read (even all in 4 bits, it holds at most 89% of it), before the "
+                    "question arrives. Heavy-hitter scores measure the attention the filler's "
+                    "own queries pay, and repeated filler draws more of it than a key said "
+                    "once; what gets evicted is the lowest-scored, so the key can go. Recency "
+                    "(quant) loses early keys instead.")
     else:
         rep.add("- passkey accuracy: not measured in this run.")
     if sp:

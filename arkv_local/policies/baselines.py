@@ -29,8 +29,6 @@ class H2O(HeavyHitter):
 class Window(Policy):
     """StreamingLLM: attention sinks and the most recent tokens in f16, the rest evicted."""
 
-    sinks: int = 4
-
     quantize: ClassVar[bool] = False
     name: ClassVar[str] = "window"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -15,11 +15,23 @@ from .scores import heavy_hitter, smooth_by_position
 class HeavyHitter(Policy):
     """Tokens that recent queries attend to most are kept: per (layer, KV head),
     hh = mean + gamma * var of their attention since the last tailoring, averaged over the GQA
-    group and smoothed over neighbouring tokens (width 5)."""
+    group and smoothed over neighbouring tokens (width 5). With ema > 0 a token's score is
+    ema * its previous score + (1 - ema) * hh: it remembers earlier tailorings' queries."""
 
     gamma: float = 263.8
+    ema: float = 0.0
 
     needs_scores: ClassVar[bool] = True
+
+    _past: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+
+    def reset(self) -> None:
+        self._past = []
 
     def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
         lv = view.layers[layer]
@@ -29,4 +41,22 @@ class HeavyHitter(Policy):
         pos = np.concatenate([lv.pos_o, lv.pos_q])
         for h in range(hh.shape[1]):
             hh[:, h] = smooth_by_position(hh[:, h], pos[:, h])
+        if self.ema > 0.0:
+            hh = self._remember(layer, pos, hh)
         return hh[: len(lv.pos_o)], hh[len(lv.pos_o):]
+
+    def _remember(self, layer: int, pos: np.ndarray, hh: np.ndarray) -> np.ndarray:
+        """Blend with the scores of the last tailoring, by position (NaN: not scored yet)."""
+        while len(self._past) <= layer:
+            self._past.append(np.full((0, hh.shape[1]), np.nan))
+        past = self._past[layer]
+        need = int(pos.max(initial=-1)) + 1
+        if need > len(past):
+            past = np.concatenate([past, np.full((max(need, 2 * len(past)) - len(past),
+                                                  hh.shape[1]), np.nan)])
+        heads = np.broadcast_to(np.arange(hh.shape[1]), pos.shape)
+        prev = past[pos, heads]
+        out = np.where(np.isnan(prev), hh, self.ema * prev + (1.0 - self.ema) * hh)
+        past[pos, heads] = out
+        self._past[layer] = past
+        return out

@@ -33,5 +33,6 @@ def smooth_by_position(score: np.ndarray, pos: np.ndarray, width: int = 5) -> np
     (the reference's avg_pool1d(kernel=width, padding=width//2))."""
     order = np.argsort(pos)
     out = np.empty_like(score, np.float64)
-    out[order] = np.convolve(score[order], np.ones(width) / width, mode="same")
+    padded = np.pad(score[order].astype(np.float64), width // 2)  # "same" would grow short rows
+    out[order] = np.convolve(padded, np.ones(width) / width, mode="valid")
     return out
