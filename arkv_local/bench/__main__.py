@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           "arkv"])
     r.add_argument("--speed-depths", type=int, nargs="+", default=[512, 4096])
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded (GPU builds)")
     r.add_argument("--repeat", type=int, default=2, help="speed runs per configuration")
     r.add_argument("--skip", nargs="*", default=[], choices=["fidelity", "passkey", "speed"],
                    help="sections to leave out")

@@ -32,6 +32,7 @@ def open_config(cfg: dict[str, Any], model: str, n_ctx: int, budget_tokens: int,
                 **kw: Any) -> Llama:
     """A Llama for one configuration; policies get kv_budget = budget_tokens."""
     common: dict[str, Any] = dict(n_ctx=n_ctx, n_threads=cfg.get("threads", 2), verbose=False,
+                                  n_gpu_layers=cfg.get("n_gpu_layers", 0),
                                   flash_attn=True, **kw)
     kind = cfg["kind"]
     if kind == "f16":

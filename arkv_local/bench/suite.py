@@ -121,7 +121,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         for cfg in fidelity_configs(args.quick, args.fractions) * ("fidelity" not in args.skip):
             spec = dict(cfg, task="fidelity", model=model, tokens=toks, ref=ref,
-                        threads=args.threads, write_ref=cfg["kind"] == "f16")
+                        threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                        write_ref=cfg["kind"] == "f16")
             r = fid[cfg["name"]] = child(spec) | {"kind": cfg["kind"],
                                                   "fraction": cfg.get("fraction")}
             ratio = n_text * f16_token / r["kv_bytes"] if r["kv_bytes"] else float("inf")
@@ -155,7 +156,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 "|---|---|---|---|")
         for cfg in pk_cfgs:
             r = pk[cfg["name"]] = child(dict(cfg, task="passkey", model=model, lengths=lengths,
-                                             depths=depths, threads=args.threads))
+                                             depths=depths, threads=args.threads,
+                                             n_gpu_layers=args.n_gpu_layers))
             answers = "; ".join(f"{t['length']}/{t['depth']:.0%}: "
                                 f"{'ok' if t['ok'] else repr(t['answer'].strip()[:20])}"
                                 for t in r["trials"])
@@ -178,7 +180,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                     if p in args.speed_configs]:
                 r = sp[cfg["name"], depth] = child(dict(
                     cfg, task="speed", model=model, depth=depth, n_gen=64,
-                    repeat=args.repeat, threads=args.threads))
+                    repeat=args.repeat, threads=args.threads, n_gpu_layers=args.n_gpu_layers))
                 rep.add(f"| {depth} | {cfg['name']} | {r['prefill']:.1f} | {r['decode']:.1f} | "
                         f"{r['tailoring_seconds']:.2f} |")
         rep.add("")

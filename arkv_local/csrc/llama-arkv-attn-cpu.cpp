@@ -55,23 +55,28 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const part_view pv = { n_rows, D, (float *) dst->data };
     float * logits = pv.m(p->n_chunk);
 
-    const auto * tr_f32 = ggml_get_type_traits_cpu(GGML_TYPE_F32);
     const auto * tr_f16 = ggml_get_type_traits_cpu(GGML_TYPE_F16);
-    const auto to_float_q = k_q ? ggml_get_type_traits(k_q->type)->to_float : nullptr;
+    const auto * tr_kq  = k_q ? ggml_get_type_traits_cpu(k_q->type) : nullptr;
+    const auto to_float_q = v_q ? ggml_get_type_traits(v_q->type)->to_float : nullptr;
 
-    // queries as f32 (Q rows are dequantized to f32) and f16 (for O rows, as the stock flash attention)
-    std::vector<float> q32(n_rows*D);
+    // queries in the types the dot products take, as llama.cpp's flash attention does: f16 for O
+    // rows, the Q type's vec_dot_type (q8_0 for q4_0) for Q rows, which are then read as they are
+    const size_t row_kq = tr_kq ? ggml_row_size(tr_kq->vec_dot_type, D) : 0;
+    const size_t k_head = k_q ? ggml_row_size(k_q->type, D) : 0;
+    std::vector<char> qq(n_rows*row_kq);
     std::vector<ggml_fp16_t> q16(n_rows*D);
     for (int64_t t = 0; t < n_tok; ++t) {
         for (int64_t h = 0; h < n_head; ++h) {
             const float * src = (const float *) ((const char *) q->data + h*q->nb[1] + t*q->nb[2]);
             const int64_t r = t*n_head + h;
-            std::copy_n(src, D, q32.data() + r*D);
             tr_f16->from_float(src, q16.data() + r*D, D);
+            if (tr_kq) {
+                ggml_get_type_traits_cpu(tr_kq->vec_dot_type)->from_float(src, qq.data() + r*row_kq, D);
+            }
         }
     }
 
-    std::vector<float> kf(D*H), vf(D*H), s(n_rows), mv(n_tok);
+    std::vector<float> vf(D*H), s(n_rows), mv(n_tok);
     for (int64_t c = ith; c < p->n_chunk; c += nth) {
         float * M   = pv.m(c);
         float * S   = pv.s(c);
@@ -93,9 +98,6 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
                 const bool is_q = j < p->n_q;
                 const char * k_row = is_q ? (const char *) k_q->data + j*k_q->nb[1]
                                           : (const char *) k_o->data + (j - p->n_q)*k_o->nb[1];
-                if (is_q) {
-                    to_float_q(k_row, kf.data(), D*H);
-                }
                 for (int64_t h = 0; h < n_head; ++h) {
                     const int64_t hk = h/G;
                     for (int64_t t = 0; t < n_tok; ++t) {
@@ -105,7 +107,7 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
                         const int64_t r = t*n_head + h;
                         float dot = 0.0f;
                         if (is_q) {
-                            tr_f32->vec_dot(D, &dot, 0, kf.data() + hk*D, 0, q32.data() + r*D, 0, 1);
+                            tr_kq->vec_dot(D, &dot, 0, k_row + hk*k_head, 0, qq.data() + r*row_kq, 0, 1);
                         } else {
                             tr_f16->vec_dot(D, &dot, 0, (const ggml_fp16_t *) k_row + hk*D, 0, q16.data() + r*D, 0, 1);
                         }
