@@ -158,6 +158,8 @@ def test_the_custom_policy_example_runs(monkeypatch: pytest.MonkeyPatch) -> None
     assert stats.bytes_used <= stats.bytes_budget and stats.n_tailorings > 0
     for layer in stats.layers:
         assert layer.oq_ratio == 0.25 and layer.n_q > layer.n_o  # mostly 4-bit, as asked
-    _, pos_q = llm._tailor.kv.positions()
+    pos_o, pos_q = llm._tailor.kv.positions()
     first = stats.layers[0]
-    assert pos_q[0][: first.n_q].min() == first.n_e  # exactly the oldest were evicted
+    sinks = llm._tailor.policy.sinks  # the first tokens stay in f16 (4, the default)
+    assert sinks == 4 and set(range(sinks)) <= set(pos_o[0][: first.n_o, 0].tolist())
+    assert pos_q[0][: first.n_q].min() == sinks + first.n_e  # exactly the oldest were evicted

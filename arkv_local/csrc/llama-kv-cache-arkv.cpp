@@ -19,6 +19,7 @@
 //   set_rows (F32 -> F16 / Q4_0 / Q4_1 / Q8_0), get_rows (F16 / quant -> F32, I32 idxs),
 //   cast (F32 -> F16), concat (F16, F32), cont, mul_mat, soft_max_ext, sqr, sum_rows, sum, add, sub, mul,
 //   div, scale, scale_bias, log, clamp, cpy (F32)
+// and, for pools in host memory only, the two custom ops of the fused decode attention (llama-arkv-attn-cpu.h)
 
 static constexpr uint32_t ARKV_N_KV_PAD = 256; // O rows read are padded so graphs can be reused
 static constexpr int64_t ARKV_FUSED_MAX_TOKENS = 8; // larger ubatches amortize dequantizing into f16
