@@ -56,9 +56,9 @@ class Policy:
     """Base class of KV policies (see the module docstring).
 
     window: newest tokens always kept in f16 and never scored; sinks: first tokens always kept
-    in f16 (4, as StreamingLLM: without them every policy loses the attention sink once the
-    budget is full; the benchmark's KLD of quant@25% went from 0.29 to 0.015); slack: slots
-    freed for new tokens at each tailoring, so that it does not run on every token.
+    in f16 (4, as StreamingLLM: without them a policy that evicts old tokens loses the
+    attention sink once the budget is full); slack: slots freed for new tokens at each
+    tailoring, so that it does not run on every token.
     """
 
     window: int = 32
