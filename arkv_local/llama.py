@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Sequence
@@ -9,9 +10,11 @@ from typing import Any
 
 import llama_cpp
 
+from . import defaults
 from .memory import MemoryParams, TriStateKV, armed
-from .models import check_gguf, default_model_path, model_shape
+from .models import check_gguf, default_model_path, gguf_load_errors, model_shape
 from .policies import KV_POLICIES, Policy, make_policy
+from .state import ArkvState
 from .tailoring import KVStats, LayerKVStats, Tailor
 
 __all__ = ["KV_POLICIES", "Llama"]
@@ -24,14 +27,19 @@ class Llama(llama_cpp.Llama):
 
     kv_policy: "full" (llama.cpp's own f16 cache, exactly), "arkv", "h2o", "window", "quant",
         or a `Policy` instance. Every policy but "full" keeps the cache in the tri-state
-        memory under a fixed budget; its logical context then runs to the model's trained
-        limit (or `n_ctx` with logits_all=True, whose logits buffer grows with it).
-    kv_budget: KV memory as the number of tokens an f16 cache would hold (default: n_ctx);
-        or kv_budget_bytes: KV bytes over all layers.
+        memory under a fixed budget, whatever the number of positions.
+    n_ctx (llama_cpp's): the context window, the positions a sequence may take (n_ctx() and
+        max_tokens=-1 follow it; 0: the model's trained limit). With a policy and no n_ctx,
+        positions run to the trained limit (to llama_cpp's 512 with logits_all=True, whose
+        logits buffer grows with the window).
+    kv_budget: KV memory as the number of tokens an f16 cache would hold (default: n_ctx if
+        given, else 512); or kv_budget_bytes: KV bytes over all layers.
     kv_window, kv_sinks, kv_slack: newest tokens kept in f16 (32), first tokens kept in f16
         (4), slots freed per tailoring (64).
     kv_quant: the 4-bit state's type, "q4_0" (default), "q4_1" or "q8_0".
     kv_rotate: Walsh-Hadamard rotation of the cached K/V (as llama.cpp's quantized caches).
+    kv_observe: last queries of each ubatch whose attention is scored (32), for the policies
+        that read scores or prefill statistics (ARKV's observation window).
     arkv_tau, arkv_gamma: ARKV's layer-score exponents and heavy-hitter variance weight
         ((0.1, 0.3, 0.6) and 0.8: the reference's instruct values).
     """
@@ -46,22 +54,32 @@ class Llama(llama_cpp.Llama):
         kv_window: int | None = None,
         kv_sinks: int | None = None,
         kv_slack: int | None = None,
-        kv_quant: str = "q4_0",
-        kv_rotate: bool = True,
+        kv_quant: str = defaults.QUANT,
+        kv_rotate: bool = defaults.ROTATE,
+        kv_observe: int = defaults.OBSERVE,
         arkv_tau: tuple[float, float, float] | None = None,
         arkv_gamma: float | None = None,
         **kwargs: Any,
     ) -> None:
+        # what pickle and copy rebuild the object from (llama_cpp's __getstate__ adds its own)
+        self._knobs = dict(kv_policy=kv_policy, kv_budget=kv_budget,
+                           kv_budget_bytes=kv_budget_bytes, kv_window=kv_window,
+                           kv_sinks=kv_sinks, kv_slack=kv_slack, kv_quant=kv_quant,
+                           kv_rotate=kv_rotate, kv_observe=kv_observe, arkv_tau=arkv_tau,
+                           arkv_gamma=arkv_gamma)
+        self._n_ctx_given = kwargs.get("n_ctx")  # None: not given (the window then differs)
         path = default_model_path() if model_path is None else check_gguf(model_path)
         policy = make_policy(kv_policy, window=kv_window, sinks=kv_sinks, slack=kv_slack,
                              tau=arkv_tau, gamma=arkv_gamma)
         self.kv_policy = kv_policy if isinstance(kv_policy, str) else policy.name
         self._tailor: Tailor | None = None
         self.progress_bar = bool(kwargs.get("verbose", True))  # while reading long prompts
-        if policy is None:
-            if kv_budget is not None or kv_budget_bytes is not None:
-                raise ValueError("kv_budget needs a kv_policy other than 'full'")
-            super().__init__(os.fspath(path), **kwargs)
+        if policy is None and (kv_budget is not None or kv_budget_bytes is not None):
+            raise ValueError("kv_budget needs a kv_policy other than 'full'")
+        if policy is None or kwargs.get("vocab_only", False):
+            # "full", or a tokenizer-only load: no KV cache for a policy to manage
+            with gguf_load_errors(path):
+                super().__init__(os.fspath(path), **kwargs)
             return
 
         shape = model_shape(path)
@@ -74,15 +92,20 @@ class Llama(llama_cpp.Llama):
                 f"({policy.window}) + sinks ({policy.sinks}) + slack ({policy.slack}) = "
                 f"{policy.min_budget_tokens()} tokens")
         # attention statistics cost a second QK^T per token: only for policies that read them
+        observes = policy.needs_scores or policy.needs_stats
+        if kv_observe < int(observes):
+            raise ValueError(f"kv_observe must be >= {int(observes)} with kv_policy "
+                             f"{self.kv_policy!r}, got {kv_observe}")
         params = MemoryParams(budget_bytes=layer_bytes, quant=kv_quant, rotate=kv_rotate,
-                              n_score_queries=policy.window if policy.needs_scores else 0)
-        if not kwargs.get("logits_all", False) and shape.n_ctx_train > 0:
-            kwargs["n_ctx"] = shape.n_ctx_train  # positions may run past the physical cache
-        with armed(params):
+                              n_score_queries=kv_observe if observes else 0)
+        if "n_ctx" not in kwargs and not kwargs.get("logits_all", False) \
+                and shape.n_ctx_train > 0:
+            kwargs["n_ctx"] = shape.n_ctx_train  # no window asked for: run past the cache
+        with gguf_load_errors(path), armed(params):
             super().__init__(os.fspath(path), **kwargs)
         self._n_ctx_train = shape.n_ctx_train
         kv = TriStateKV(self.ctx)
-        self._tailor = Tailor(kv, policy, layer_bytes, llama_cpp.llama_model_n_head(self.model))
+        self._tailor = Tailor(kv, policy, params, llama_cpp.llama_model_n_head(self.model))
 
     def eval(self, tokens: Sequence[int]) -> None:
         """As llama_cpp.Llama.eval; with a policy, the cache is tailored to its budget as the
@@ -127,6 +150,39 @@ class Llama(llama_cpp.Llama):
                   for _ in range(shape.n_layer)]
         return KVStats(n * per_token, self._n_ctx * per_token, n * per_token, n, layers, 0, 0.0)
 
+    def save_state(self) -> ArkvState:
+        """As llama_cpp.Llama.save_state, plus the policy's Python side (statistics, ratios,
+        its memory, counters) as plain data: llama_cpp's prompt caches keep both."""
+        session = None if self._tailor is None else self._tailor.session.snapshot()
+        return ArkvState(super().save_state(), session)
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
+        """As llama_cpp.Llama.load_state; with a policy its Python side comes back too, so that
+        it decides with the loaded conversation's numbers (ValueError if the state has none)."""
+        if self._tailor is None:
+            return super().load_state(state)
+        saved = getattr(state, "session", None)
+        if saved is None:
+            raise ValueError(f"this state has no Python side for kv_policy {self.kv_policy!r}: "
+                             "save it with arkv_local.Llama.save_state under that policy")
+        session = self._tailor.session
+        before = session.snapshot()
+        session.restore(saved)  # checks it first: nothing has changed if it raises
+        try:
+            super().load_state(state)
+        except BaseException:
+            session.restore(before)
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        """As llama_cpp.Llama's (the constructor's arguments) with the KV policy's: a pickled
+        or copied Llama comes back with the same policy and knobs, and an empty cache."""
+        state = {**super().__getstate__(), **copy.deepcopy(self._knobs)}
+        state.pop("n_ctx")  # the context's may be the trained length a policy chose
+        if self._n_ctx_given is not None:
+            state["n_ctx"] = self._n_ctx_given
+        return state
+
     def close(self) -> None:
         """As llama_cpp.Llama.close; also safe when __init__ refused its arguments early."""
         if hasattr(self, "_stack"):
@@ -136,17 +192,25 @@ class Llama(llama_cpp.Llama):
     def from_pretrained(  # type: ignore[override]
         cls, repo_id: str, filename: str | None, *args: Any, **kwargs: Any
     ) -> Llama:
-        """As llama_cpp.Llama.from_pretrained (huggingface-hub), with a clear network error."""
+        """As llama_cpp.Llama.from_pretrained (huggingface-hub). A failed download raises
+        ConnectionError naming the repo and file; a model that does not load then raises its
+        own error, as Llama(model_path) would."""
+        def downloaded(model_path: str, **llama_kwargs: Any) -> tuple[str, dict[str, Any]]:
+            return model_path, llama_kwargs
+
+        # llama_cpp's own steps (file search, download, cache), with `cls` standing for the load
+        fetch = llama_cpp.Llama.from_pretrained.__func__  # type: ignore[attr-defined]
         try:
-            return super().from_pretrained(repo_id, filename, *args, **kwargs)
+            model_path, llama_kwargs = fetch(downloaded, repo_id, filename, *args, **kwargs)
         except (ValueError, TypeError, ImportError):
-            raise
+            raise  # no such file in the repo, a bad repo id or argument, no huggingface-hub
         except Exception as e:  # huggingface-hub raises transport-specific errors
             raise ConnectionError(
                 f"could not fetch {filename!r} from the Hugging Face Hub repo {repo_id!r} "
                 f"({type(e).__name__}: {e}); without network, download the GGUF elsewhere "
                 "and pass model_path=..."
             ) from e
+        return cls(model_path, **llama_kwargs)
 
 
 def _layer_budget(slot_f16: int, n_layer: int, tokens: int | None, total_bytes: int | None,
@@ -162,3 +226,4 @@ def _layer_budget(slot_f16: int, n_layer: int, tokens: int | None, total_bytes: 
     if tokens <= 0:
         raise ValueError(f"kv_budget must be a positive number of tokens, got {tokens}")
     return tokens * slot_f16
+

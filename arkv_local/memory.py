@@ -14,9 +14,15 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from . import arkv_cpp
+from . import arkv_cpp, defaults
+from .policies.types import LayerPlan
 
 QUANT_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # ggml_type values
+# how a decoded token attends over a layer with Q rows (enum llama_arkv_attn): "auto" takes the
+# fused CPU kernel for host pools and "segments" (flash attention over Q rows as they lie, and
+# over O rows, merged exactly) for device pools; "dequant" dequantizes Q rows to f16 for
+# llama.cpp's attention
+ATTN_PATHS = {"auto": 0, "dequant": 1, "segments": 2}
 
 
 @dataclass(frozen=True)
@@ -24,11 +30,11 @@ class MemoryParams:
     """What the memory is created with (llama_arkv_params)."""
 
     budget_bytes: int  # K+V bytes per layer
-    n_o_init: int = 0  # O slots per layer at creation; 0: the whole budget in f16
-    quant: str = "q4_0"
-    rotate: bool = True
-    n_score_queries: int = 32
-    fused: bool = True  # decode through the fused CPU attention (False: the dequantizing path)
+    n_o_init: int = defaults.N_O_INIT  # O slots per layer at creation; 0: the budget in f16
+    quant: str = defaults.QUANT
+    rotate: bool = defaults.ROTATE
+    n_score_queries: int = defaults.OBSERVE
+    attn: str = defaults.ATTN  # decode attention path, one of ATTN_PATHS
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -36,6 +42,10 @@ class MemoryParams:
         if self.quant not in QUANT_TYPES:
             raise ValueError(
                 f"unknown quant type {self.quant!r}: choose one of {', '.join(QUANT_TYPES)}"
+            )
+        if self.attn not in ATTN_PATHS:
+            raise ValueError(
+                f"unknown attention path {self.attn!r}: choose one of {', '.join(ATTN_PATHS)}"
             )
         if self.n_o_init < 0 or self.n_score_queries < 0:
             raise ValueError("n_o_init and n_score_queries must be >= 0")
@@ -48,7 +58,7 @@ class MemoryParams:
             QUANT_TYPES[self.quant],
             self.rotate,
             self.n_score_queries,
-            self.fused,
+            ATTN_PATHS[self.attn],
         )
         arkv_cpp.llama_arkv_arm(ctypes.byref(p))
 
@@ -97,6 +107,19 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class PoolExtent:
+    """Bytes: where a layer's O and Q pools lie in its arena, the arena's allocated size, and
+    whether the pools are views of it (a backend never pads or initializes a view)."""
+
+    o_offset: int
+    o_bytes: int
+    q_offset: int
+    q_bytes: int
+    arena_bytes: int
+    views: bool
+
+
+@dataclass(frozen=True)
 class Scores:
     """Attention mass per slot since the last plan, summed over `n_queries` queries, each
     summed over its GQA group; per layer arrays shaped (cap, n_head_kv)."""
@@ -106,18 +129,6 @@ class Scores:
     sum_sq_o: list[np.ndarray]
     sum_q: list[np.ndarray]
     sum_sq_q: list[np.ndarray]
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """One layer's next layout. Row i of o_src (n_o, n_head_kv) names, per head, the current O
-    slot that new O slot i takes; q_src (n_q, n_head_kv) the current slot of new Q slot i, in O
-    where q_from_o is True (quantized now), else in Q (moved as is)."""
-
-    cap_o: int
-    o_src: np.ndarray
-    q_src: np.ndarray
-    q_from_o: np.ndarray
 
 
 class TriStateKV:
@@ -137,6 +148,13 @@ class TriStateKV:
         out = (arkv_cpp.llama_arkv_layer_info * self.n_layer)()
         arkv_cpp.llama_arkv_get_layers(self.ctx, out)
         return [LayerInfo(i.cap_o, i.cap_q, i.n_o, i.n_q, i.bytes_alloc, i.bytes_used) for i in out]
+
+    def pool_extent(self, layer: int) -> PoolExtent:
+        """Where a layer's K pools lie in its arena (V's are alike)."""
+        out = (ctypes.c_uint64 * 6)()
+        if not arkv_cpp.llama_arkv_get_pool_extent(self.ctx, layer, out):
+            raise IndexError(f"no layer {layer} (the memory has {self.n_layer})")
+        return PoolExtent(*out[:5], views=bool(out[5]))
 
     def cap_q(self, cap_o: int) -> int:
         """Q slots a layer's budget leaves when its O pool has cap_o slots."""

@@ -7,10 +7,16 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._vendor import cache_dir, sha256_of
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 GGUF_MAGIC = b"GGUF"
 
@@ -105,10 +111,39 @@ class ModelShape:
         return 2 * 2 * self.head_dim * self.n_head_kv
 
 
-def model_shape(path: str | os.PathLike[str]) -> ModelShape:
+def read_gguf(path: str | os.PathLike[str]) -> GGUFReader:
+    """The GGUF reader of path; a ValueError naming the file when it is cut short or corrupt
+    (instead of whatever numpy says about the bytes that are not there)."""
     from gguf import GGUFReader
 
-    fields = GGUFReader(check_gguf(path)).fields
+    p = check_gguf(path)
+    try:
+        reader = GGUFReader(p)
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
+        raise ValueError(f"{p} is truncated or corrupt: its GGUF header cannot be read "
+                         f"({type(e).__name__}: {e}); download or convert it again") from e
+    size = p.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ValueError(f"{p} is truncated or corrupt: its tensors end at byte {end}, the file "
+                         f"has {size}; download or convert it again")
+    return reader
+
+
+@contextmanager
+def gguf_load_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Within the block, a ValueError (llama.cpp's "Failed to load model") on a file that is cut
+    short or corrupt says so and names the file; the file is read only when loading failed."""
+    try:
+        yield
+    except ValueError:
+        read_gguf(path)  # raises the clearer error if the file is the reason
+        raise
+
+
+def model_shape(path: str | os.PathLike[str]) -> ModelShape:
+    """The KV-relevant shape of a model, from its GGUF header (see read_gguf for bad files)."""
+    fields = read_gguf(path).fields
 
     def get(key: str) -> int | None:
         return int(fields[key].contents()) if key in fields else None

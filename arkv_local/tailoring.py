@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .memory import TriStateKV
-from .policies import Budget, KVView, LayerView, Policy
+from .memory import MemoryParams, TriStateKV
+from .policies import Budget, KVView, LayerPlan, LayerView, Policy
+from .session import Session
 
 
 @dataclass(frozen=True)
@@ -38,56 +39,65 @@ class KVStats:
 class Tailor:
     """Keeps one sequence's cache within its budget: before each decode it makes room (a plan
     from the policy) when the new tokens would not fit, and it measures ARKV's prefill
-    statistics on the first prompt."""
+    statistics on the first prompt. What the policy learns lives in `session`."""
 
-    def __init__(self, kv: TriStateKV, policy: Policy, layer_bytes: int, n_head: int) -> None:
+    def __init__(self, kv: TriStateKV, policy: Policy, params: MemoryParams, n_head: int) -> None:
         self.kv = kv
-        self.policy = policy
-        self.budget = Budget(layer_bytes, kv.slot_bytes_o, kv.slot_bytes_q, kv.cap_q)
+        self.params = params
+        self.session = Session(policy, kv.n_layer)
+        self.budget = Budget(params.budget_bytes, kv.slot_bytes_o, kv.slot_bytes_q)
         self.group = n_head // kv.n_head_kv
         # the most new tokens one plan can make room for; a prompt is read in chunks of half
         # that: room reserved in f16 for a chunk is budget not spent on kept (4-bit) tokens
-        max_room = layer_bytes // kv.slot_bytes_o - policy.window - policy.sinks
+        max_room = self.budget.cap_o_max - policy.window - policy.sinks
         assert max_room >= policy.slack, "the budget was checked against the policy"
         self.max_chunk = max(policy.slack, max_room // 2)
-        self.n_tailorings = 0
-        self.tailoring_seconds = 0.0
-        self.start_sequence()
+
+    @property
+    def policy(self) -> Policy:
+        return self.session.policy
 
     def start_sequence(self) -> None:
-        """A new sequence: measure its prefill statistics again."""
-        self.policy.reset()
-        self.stats: np.ndarray | None = None
-        self.ratios = np.ones(self.kv.n_layer)
-        self.measuring = self.policy.needs_stats
-        self.room: int | None = None  # free O slots once a submitted plan is applied
+        """A new sequence (the cache was just cleared): measure its prefill statistics again,
+        and give the pools the layout a new context starts with (the budget in f16, or
+        n_o_init slots), so that it is read exactly as by a fresh object, not in the last
+        plan's O pool, which may not even hold its first chunk."""
+        self.session.start_sequence()
+        cap_o = self.params.n_o_init or self.budget.cap_o_max
+        if any(info.cap_o != cap_o for info in self.kv.layers()):
+            none = np.zeros((0, self.kv.n_head_kv), np.int32)
+            self.kv.submit([LayerPlan(cap_o, none, none, none.astype(bool))] * self.kv.n_layer)
+            self.session.room = cap_o  # free once the plan is applied, before the first decode
 
     def before_decode(self, n_tokens: int, pos_max: int) -> None:
         """Make room for n_tokens new tokens (n_tokens <= max_chunk)."""
-        free = self.kv.free_slots() if self.room is None else self.room
+        s = self.session
+        free = self.kv.free_slots() if s.room is None else s.room
         if free < n_tokens:
             self.tailor(n_tokens, pos_max)
-        if self.measuring:
+        if s.measuring:
             self.kv.request_stats()  # the first prompt's last chunk before a plan keeps them
 
     def after_decode(self) -> None:
-        self.room = None
+        self.session.room = None
 
     def end_of_prompt(self) -> None:
-        if self.measuring:
-            self.stats = self.kv.stats()
-            self.measuring = False
+        s = self.session
+        if s.measuring:
+            s.stats = self.kv.stats()
+            s.measuring = False
 
     def tailor(self, room: int, pos_max: int) -> None:
         t0 = time.perf_counter()
         self.end_of_prompt()
+        s = self.session
         view = self.view(pos_max)
-        plan = self.policy.plan(view, self.budget, room)
+        plan = s.policy.plan(view, self.budget, room)
         self.kv.submit(plan)
-        self.ratios = np.clip(np.asarray(self.policy.ratios(view), np.float64), 0.0, 1.0)
-        self.room = min(p.cap_o - len(p.o_src) for p in plan)
-        self.n_tailorings += 1
-        self.tailoring_seconds += time.perf_counter() - t0
+        s.ratios = np.clip(np.asarray(s.policy.ratios(view), np.float64), 0.0, 1.0)
+        s.room = min(p.free_o for p in plan)
+        s.n_tailorings += 1
+        s.tailoring_seconds += time.perf_counter() - t0
 
     def view(self, pos_max: int) -> KVView:
         infos = self.kv.layers()
@@ -99,18 +109,18 @@ class Tailor:
                       sc.sum_q[i][: info.n_q], sc.sum_sq_q[i][: info.n_q])
             for i, info in enumerate(infos)
         ]
-        return KVView(layers, sc.n_queries, self.group, self.stats, pos_max)
+        return KVView(layers, sc.n_queries, self.group, self.session.stats, pos_max)
 
     def kv_stats(self, n_tokens: int) -> KVStats:
         infos = self.kv.layers()
         layers = [LayerKVStats(i.n_o, i.n_q, n_tokens - i.n_o - i.n_q, float(r), i.bytes_used)
-                  for i, r in zip(infos, self.ratios, strict=True)]
+                  for i, r in zip(infos, self.session.ratios, strict=True)]
         return KVStats(
             bytes_used=sum(i.bytes_used for i in infos),
             bytes_budget=sum(i.bytes_alloc for i in infos),
             bytes_f16=n_tokens * self.kv.slot_bytes_o * self.kv.n_layer,
             n_tokens=n_tokens,
             layers=layers,
-            n_tailorings=self.n_tailorings,
-            tailoring_seconds=self.tailoring_seconds,
+            n_tailorings=self.session.n_tailorings,
+            tailoring_seconds=self.session.tailoring_seconds,
         )

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 QUICK_CONFIGS = ["full", "q4_0", "window@25%", "arkv@25%"]
 
 
@@ -44,3 +46,20 @@ def test_quick_run(tmp_path: Path) -> None:
     for name in ("BENCHMARKS.md", "kld_vs_memory.png", "arkv_layers.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "kld_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_are_skipped_with_a_hint_without_matplotlib(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from arkv_local.bench import suite
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "arkv_local.bench.plots", raising=False)
+    rep = suite.Report(tmp_path / "BENCHMARKS.md")
+    rep.add("# Benchmarks")
+    suite.plots(rep, {"full": {}, "arkv@25%": {"layers": []}}, 400, tmp_path)
+    out = capsys.readouterr()
+    assert out.err == ("arkv_local.bench: plots skipped: matplotlib is not installed "
+                       "(pip install 'arkv_local[plot]')\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md"]
+    assert (tmp_path / "BENCHMARKS.md").read_text() == "# Benchmarks\n"

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import pickle
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pexpect
 import pytest
+
+from arkv_local.chat import Chat, load_model, parse_args
+from arkv_local.models import model_shape
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = [sys.executable, "-m", "arkv_local.chat"]
@@ -99,3 +105,73 @@ def test_a_model_that_cannot_be_served_is_one_line(tmp_path: Path) -> None:
     assert run.stderr.strip().splitlines() == [
         f"arkv-chat: {bogus} is not a GGUF file (it starts with b'not ', not b'GGUF'): llama.cpp "
         "loads only GGUF models; convert others with llama.cpp's convert_hf_to_gguf.py"]
+
+
+@pytest.fixture
+def quiet_chat(smollm2: Path) -> Chat:
+    """A chat in this process: answers go to a string."""
+    args = parse_args(SMALL + ["--seed", "0", "--temperature", "0"])
+    return Chat(load_model(args), args, out=io.StringIO())
+
+
+def said(chat: Chat, line: str) -> str:
+    chat.out.seek(0)
+    chat.out.truncate()
+    chat.command(line)
+    return chat.out.getvalue()
+
+
+def test_save_then_load_round_trips(quiet_chat: Chat, tmp_path: Path) -> None:
+    chat = quiet_chat
+    chat.answer("Summarize: " + "The quick brown fox jumps over the lazy dog. " * 30, False)
+    chat.answer("And in French?", False)
+    llm = chat.llm
+    messages, stats = list(chat.messages), llm.kv_stats()
+    session, ids = llm._tailor.session.snapshot(), llm.input_ids[: llm.n_tokens].tolist()
+    assert stats.n_tailorings > 0
+    path = tmp_path / "talk.arkv"
+    assert "saved 4 messages" in said(chat, f"/save {path}")
+    assert zipfile.is_zipfile(path)  # data: JSON and raw bytes, no pickle
+    said(chat, "/reset")
+    chat.answer("Something else: name a cat.", False)
+    assert "loaded 4 messages" in said(chat, f"/load {path}")
+    assert chat.messages == messages and llm.kv_stats() == stats
+    assert llm._tailor.session.snapshot() == session
+    assert llm.input_ids[: llm.n_tokens].tolist() == ids
+
+
+class Boom:
+    """What a crafted pickle does on load: here, create a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.marker), "w")
+
+
+def test_load_refuses_a_pickle_without_running_it(quiet_chat: Chat, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "chat.state"
+    crafted.write_bytes(pickle.dumps(([{"role": "user", "content": "hi"}], Boom(marker))))
+    out = said(quiet_chat, f"/load {crafted}")
+    assert not marker.exists()
+    assert f"cannot load {crafted}: not an arkv-chat session file" in out
+    assert quiet_chat.messages == []
+    bogus = tmp_path / "notes.zip"
+    with zipfile.ZipFile(bogus, "w") as z:
+        z.writestr("readme.txt", "hello")
+    assert f"cannot load {bogus}: not an arkv-chat session file" in said(quiet_chat,
+                                                                       f"/load {bogus}")
+
+
+def test_ctx_flag_is_the_window_and_a_policy_runs_to_the_trained_limit_without_it(
+        smollm2: Path) -> None:
+    shape = model_shape(smollm2)
+    per_token, n_train = shape.f16_slot_bytes * shape.n_layer, shape.n_ctx_train
+    llm = load_model(parse_args(["--model", str(smollm2)]))  # arkv, no --ctx
+    assert llm.n_ctx() == n_train and llm.kv_stats().bytes_budget == 4096 * per_token
+    llm = load_model(parse_args(["--model", str(smollm2), "--ctx", "2048"]))
+    assert llm.n_ctx() == 2048 and llm.kv_stats().bytes_budget == 2048 * per_token
+    llm = load_model(parse_args(["--model", str(smollm2), "--policy", "full"]))
+    assert llm.n_ctx() == 4096

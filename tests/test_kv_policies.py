@@ -100,14 +100,43 @@ def test_chat_streaming_and_prefix_reuse_work(smollm2: Path) -> None:
     assert llm.kv_stats().bytes_used <= llm.kv_stats().bytes_budget
 
 
-def test_positions_run_to_the_trained_limit(tmp_path: Path) -> None:
-    path = tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
-                           n_ctx_train=1024)
-    llm = Llama(path, kv_policy="window", kv_budget=128, n_ctx=128, verbose=False)
-    llm.eval([t % 250 for t in range(1000)])  # far past the physical cache and n_ctx
+TINY = dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_ctx_train=1024)
+
+
+def test_positions_run_to_the_trained_limit_without_n_ctx() -> None:
+    llm = Llama(tiny_model_path("llama", **TINY), kv_policy="window", kv_budget=128,
+                verbose=False)
+    assert llm.n_ctx() == 1024
+    llm.eval([t % 250 for t in range(1000)])  # far past the physical cache
     assert llm.kv_stats().n_tokens == 1000
     with pytest.raises(ValueError, match="1030 positions exceed .* 1024 .*trained limit"):
         llm.eval([1] * 30)
+
+
+def test_n_ctx_is_the_window_asked_for() -> None:
+    path = tiny_model_path("llama", **TINY)
+    llm = Llama(path, kv_policy="arkv", kv_budget=128, n_ctx=256, verbose=False)
+    assert llm.n_ctx() == 256
+    llm.eval([t % 250 + 1 for t in range(256)])  # past the budget, up to the window
+    with pytest.raises(ValueError, match=r"257 positions exceed the context window of 256 "
+                                         r"\(n_ctx\)"):
+        llm.eval([1])
+    llm.reset()
+    # max_tokens=-1 runs to the window, not to the trained limit
+    out = llm.create_completion([t % 250 + 1 for t in range(100)], max_tokens=-1,
+                                temperature=0, logit_bias={llm.token_eos(): -1e9})
+    assert out["usage"]["completion_tokens"] == 156
+    # llama.cpp rounds n_ctx up to a multiple of 256: as with "full"
+    assert Llama(path, kv_policy="window", kv_budget=128, n_ctx=300, verbose=False).n_ctx() \
+        == Llama(path, n_ctx=300, verbose=False).n_ctx() == 512
+    # n_ctx=0: the trained limit, and the budget's default with it (as llama_cpp's n_ctx=0)
+    zero = Llama(path, kv_policy="window", n_ctx=0, verbose=False)
+    assert zero.n_ctx() == 1024
+    assert zero.kv_stats().bytes_budget == 1024 * arkv_local.models.f16_slot_bytes(path) * 2
+    # no n_ctx: the budget stays 512 tokens, positions run to the trained limit
+    default = Llama(path, kv_policy="window", verbose=False)
+    assert default.n_ctx() == 1024
+    assert default.kv_stats().bytes_budget == 512 * arkv_local.models.f16_slot_bytes(path) * 2
 
 
 class NamesAGhostSlot(Policy):
@@ -163,3 +192,52 @@ def test_the_custom_policy_example_runs(monkeypatch: pytest.MonkeyPatch) -> None
     sinks = llm._tailor.policy.sinks  # the first tokens stay in f16 (4, the default)
     assert sinks == 4 and set(range(sinks)) <= set(pos_o[0][: first.n_o, 0].tolist())
     assert pos_q[0][: first.n_q].min() == sinks + first.n_e  # exactly the oldest were evicted
+
+
+def test_one_llama_reads_two_long_prompts_as_a_fresh_one_would(
+        smollm2: Path, tokens: list[int]) -> None:
+    # a second document after the cache was tailored (no shared prefix, then after reset()):
+    # it starts from the layout a fresh object has, so it answers exactly as a fresh object
+    kwargs = dict(kv_policy="arkv", kv_budget=128, n_threads=2, verbose=False)
+    llm = Llama(smollm2, **kwargs)
+    first = llm.detokenize(tokens[:400]).decode()
+    second = llm.detokenize(tokens[2000:2400]).decode()
+    assert llm(first, max_tokens=4, temperature=0)["choices"][0]["text"]
+    assert llm.kv_stats().n_tailorings > 0
+    answers = [llm(second, max_tokens=12, temperature=0)["choices"][0]["text"]]
+    llm.reset()
+    answers.append(llm(second, max_tokens=12, temperature=0)["choices"][0]["text"])
+    fresh = Llama(smollm2, **kwargs)
+    expected = fresh(second, max_tokens=12, temperature=0)["choices"][0]["text"]
+    assert answers == [expected] * 2 and len(expected) > 10
+    # the second document's statistics were measured, as on a fresh object
+    assert [la.oq_ratio for la in llm.kv_stats().layers] == \
+        [la.oq_ratio for la in fresh.kv_stats().layers]
+
+
+class SeesStats(Policy):
+    """Reads ARKV's prefill statistics (needs_stats) but no per-token scores; records them."""
+
+    needs_stats = True
+
+    def ratios(self, view: KVView) -> np.ndarray:
+        SEEN_STATS.append(view.stats)
+        return np.ones(len(view.layers))
+
+    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        return view.layers[layer].pos_o * 1.0, view.layers[layer].pos_q * 1.0
+
+
+SEEN_STATS: list[np.ndarray | None] = []
+
+
+def test_a_policy_that_needs_only_statistics_sees_them_measured() -> None:
+    # the memory observes queries when a policy reads statistics, even without scores
+    SEEN_STATS.clear()
+    llm = Llama(tiny_model_path("llama", **TINY), kv_policy=SeesStats(), kv_budget=128,
+                verbose=False)
+    llm.eval([t % 250 + 1 for t in range(400)])  # past the window and the budget
+    assert llm.kv_stats().n_tailorings > 0 and len(SEEN_STATS) > 0
+    for stats in SEEN_STATS:
+        assert stats is not None and stats.shape == (TINY["n_layer"], 3)
+        assert np.isfinite(stats).all() and (stats > 0).all()

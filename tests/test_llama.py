@@ -70,3 +70,73 @@ def test_from_pretrained_without_network_is_clear(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ConnectionError, match="could not fetch .*Q4_K_M.*without network"):
         arkv_local.Llama.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
                                          "*Q4_K_M.gguf")
+
+
+@pytest.mark.parametrize("policy", ["full", "arkv"])
+@pytest.mark.parametrize("keep", [2**20, -4096])  # in the header; in the tensor data
+def test_truncated_gguf_is_named(smollm2: Path, tmp_path: Path, policy: str, keep: int) -> None:
+    cut = tmp_path / "cut.gguf"
+    data = smollm2.read_bytes()
+    cut.write_bytes(data[:keep])
+    with pytest.raises(ValueError, match=r"cut.gguf is truncated or corrupt"):
+        arkv_local.Llama(cut, kv_policy=policy, verbose=False)
+
+
+def test_vocab_only_loads_under_a_policy(smollm2: Path) -> None:
+    # a tokenizer-only load (as llama-cpp-python's own tests do): no cache, nothing to manage
+    llm = arkv_local.Llama(smollm2, vocab_only=True, kv_policy="arkv", kv_budget=256,
+                           verbose=False)
+    full = arkv_local.Llama(smollm2, vocab_only=True, verbose=False)
+    tokens = llm.tokenize(PROMPT.encode())
+    assert tokens == full.tokenize(PROMPT.encode()) and len(tokens) > 5
+    assert llm.detokenize(tokens) == full.detokenize(tokens) and PROMPT.encode() in \
+        llm.detokenize(tokens)
+    assert llm.kv_policy == "arkv"
+
+
+class OneFileRepo:
+    """huggingface_hub.HfFileSystem as seen by from_pretrained: a repo with one GGUF file."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def ls(self, repo_id: str, recursive: bool = False) -> list[str]:
+        return [f"{repo_id}/model.gguf"]
+
+
+def test_from_pretrained_reports_only_transport_failures_as_such(
+        smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", OneFileRepo)
+
+    def downloaded(**kwargs: object) -> str:
+        return str(smollm2)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", downloaded)
+
+    def refuses(self: arkv_local.Llama, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("llama.cpp: unknown model architecture 'mamba9'")
+
+    with monkeypatch.context() as m:  # the download worked, the model does not load
+        m.setattr(llama_cpp.Llama, "__init__", refuses)
+        with pytest.raises(RuntimeError, match="unknown model architecture 'mamba9'"):
+            arkv_local.Llama.from_pretrained("org/repo", "*.gguf", verbose=False)
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a model")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kwargs: str(bad))
+    with pytest.raises(ValueError, match="model.gguf is not a GGUF file"):
+        arkv_local.Llama.from_pretrained("org/repo", "*.gguf", kv_policy="arkv")
+    # a loaded model: the Llama's own arguments reach it
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", downloaded)
+    llm = arkv_local.Llama.from_pretrained("org/repo", "*.gguf", kv_policy="arkv",
+                                           kv_budget=256, n_ctx=512, verbose=False)
+    assert llm.kv_policy == "arkv" and llm.n_ctx() == 512 and Path(llm.model_path) == smollm2
+
+    def unreachable(**kwargs: object) -> str:
+        raise OSError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(ConnectionError, match=r"could not fetch '\*.gguf' .*'org/repo' "
+                                              r"\(OSError: .*Network is unreachable"):
+        arkv_local.Llama.from_pretrained("org/repo", "*.gguf")

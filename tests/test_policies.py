@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -47,6 +49,18 @@ def test_smoothing_follows_positions_not_slots() -> None:
     np.testing.assert_allclose(smooth_by_position(np.array([5.0, 10.0]), np.array([3, 1])),
                                [15 / 5, 15 / 5])
     np.testing.assert_allclose(smooth_by_position(np.array([1.0]), np.array([0])), [0.2])
+    # no token at all (a cache just cleared): no score, not the kernel's overhang
+    assert smooth_by_position(np.zeros(0), np.zeros(0, int)).shape == (0,)
+
+
+@pytest.mark.parametrize("cls", [ARKV, H2O])
+def test_heavy_hitters_plan_an_empty_cache(cls: type[Policy]) -> None:
+    # a tailoring before the first token of a new sequence: every slot goes to the new tokens
+    empty = np.zeros((0, 2))
+    lv = LayerView(empty.astype(int), empty.astype(int), empty, empty, empty, empty)
+    view = KVView([lv, lv], 0, 1, None, -1)
+    plans = cls(window=2, sinks=1, slack=3).plan(view, Budget(100, 10, 3, align=1), room=5)
+    assert [(p.cap_o, p.o_src.shape, p.q_src.shape) for p in plans] == [(5, (0, 2), (0, 2))] * 2
 
 
 def layer(pos_o: list[list[int]], mass_o: list[list[float]], pos_q: list[list[int]] | None = None,
@@ -57,8 +71,8 @@ def layer(pos_o: list[list[int]], mass_o: list[list[float]], pos_q: list[list[in
     return LayerView(po, pq, mo, mo**2, mq, mq**2)
 
 
-# costs: an O slot 10 bytes, a Q slot 3; cap_q(cap_o) as if the arena had room for all
-BUDGET = Budget(layer_bytes=100, slot_o=10, slot_q=3, cap_q=lambda cap_o: 100)
+# costs: an O slot 10 bytes, a Q slot 3; Q takes the bytes O leaves (no alignment padding)
+BUDGET = Budget(layer_bytes=100, slot_o=10, slot_q=3, align=1)
 
 
 class ByMass(Policy):
@@ -95,7 +109,7 @@ def test_plan_evicts_what_the_bytes_do_not_buy() -> None:
     pos = [[p] for p in range(8)]
     mass = [[0.1], [0.8], [0.3], [0.9], [0.2], [0.5], [0.0], [0.0]]
     view = KVView([layer(pos, mass)], 4, 1, None, 7)
-    budget = Budget(60, 10, 3, lambda cap_o: 100)
+    budget = Budget(60, 10, 3, align=1)
     (plan,) = ByMass(window=2, sinks=0, slack=1).plan(view, budget, room=1)
     assert plan.o_src[:, 0].tolist() == [1, 3, 5, 6, 7]
     assert len(plan.q_src) == 0  # 0.1, 0.3 and 0.2 are evicted
@@ -110,7 +124,7 @@ def test_quantized_tokens_never_return_to_o() -> None:
     # 50 bytes: window + room 30, 20 left, half -> 1 O slot, 10 bytes -> 3 Q slots
     view = KVView([layer([[1], [2], [3], [4]], [[0.2], [0.1], [0.0], [0.0]],
                          pos_q=[[0]], mass_q=[[0.9]])], 4, 1, None, 4)
-    (plan,) = Half(window=2, sinks=0, slack=1).plan(view, Budget(50, 10, 3, lambda c: 100),
+    (plan,) = Half(window=2, sinks=0, slack=1).plan(view, Budget(50, 10, 3, align=1),
                                                     room=1)
     assert plan.o_src[:, 0].tolist() == [0, 2, 3]  # O slots 0, 2, 3 = positions 1, 3, 4
     assert plan.q_src[:, 0].tolist() == [0, 1] and plan.q_from_o[:, 0].tolist() == [False, True]
@@ -120,7 +134,7 @@ def test_sinks_stay_in_o() -> None:
     pos = [[p] for p in range(10)]
     mass = [[0.0]] * 10
     view = KVView([layer(pos, mass)], 4, 1, None, 9)
-    budget = Budget(70, 10, 3, lambda cap_o: 0)
+    budget = Budget(70, 10, 3, align=1)
     (plan,) = Window(window=2, sinks=2, slack=1).plan(view, budget, room=1)
     # 70 bytes: sinks 2 + window 2 + room 1 = 50, 20 left -> 2 more O slots, the newest
     assert plan.o_src[:, 0].tolist() == [0, 1, 6, 7, 8, 9]
@@ -135,7 +149,7 @@ def test_budget_below_window_and_room_is_named() -> None:
 def test_baselines_use_their_states() -> None:
     view = KVView([layer([[p] for p in range(40)], [[1.0 / (p + 1)] for p in range(40)])],
                   4, 1, np.array([[1.0, 1.0, 1.0]]), 39)
-    budget = Budget(200, 10, 3, lambda cap_o: 100)
+    budget = Budget(200, 10, 3, align=1)
     (w,) = Window(window=4, sinks=0, slack=2).plan(view, budget, room=2)
     (h,) = H2O(window=4, sinks=0, slack=2).plan(view, budget, room=2)
     (q,) = Quant(window=4, sinks=0, slack=2).plan(view, budget, room=2)
@@ -184,3 +198,56 @@ def test_policy_errors_name_the_problem() -> None:
         make_policy("full", window=8)
     assert make_policy("full") is None
     assert isinstance(make_policy("arkv", gamma=0.8, tau=(0.1, 0.3, 0.6)), ARKV)
+
+
+def test_budget_arithmetic_by_hand() -> None:
+    # per K or V arena 500 bytes; an O row 10 bytes, a Q row 3; the Q pool starts 64-aligned
+    b = Budget(layer_bytes=1000, slot_o=20, slot_q=6)
+    assert b.cap_o_max == 50
+    assert b.cap_q(1) == (500 - 64) // 3 and b.cap_q(6) == (500 - 64) // 3
+    assert b.cap_q(7) == (500 - 128) // 3 and b.cap_q(50) == 0 and b.cap_q(49) == 0
+    assert Budget(1000, 20, 6, align=1).cap_q(49) == 10 // 3
+
+
+NO_NATIVE = """
+import sys
+sys.modules["arkv_local.arkv_cpp"] = None   # as if the native library were not built
+sys.modules["llama_cpp"] = None             # nor llama-cpp-python installed
+import numpy as np
+from arkv_local.policies import ARKV, Budget, KVView, LayerView
+pos = np.arange(40)[:, None].repeat(2, 1)
+mass = 1.0 / (pos + 1.0)
+lv = LayerView(pos, np.zeros((0, 2), int), mass, mass**2, np.zeros((0, 2)), np.zeros((0, 2)))
+view = KVView([lv, lv], 4, 1, np.array([[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]), 39)
+plan = ARKV(window=4, sinks=0, slack=2).plan(view, Budget(400, 10, 4, align=1), room=2)
+print(len(plan), [len(p.o_src) for p in plan], [len(p.q_src) for p in plan])
+try:
+    from arkv_local import Llama
+except ImportError as e:
+    print("Llama:", e)
+"""
+
+
+def test_policies_work_without_the_native_library() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent  # this checkout's package
+    run = subprocess.run([sys.executable, "-c", NO_NATIVE], capture_output=True, text=True,
+                         timeout=60, cwd=repo)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "2 [38, 4] [0, 36]"
+    assert lines[1].startswith("Llama: ") and "arkv_local.arkv_cpp" in lines[1]
+
+
+def test_h2o_and_arkv_share_the_heavy_hitter_score() -> None:
+    # the README says H2O keeps heavy hitters "with the same scores as ARKV": same gamma
+    assert H2O().gamma == ARKV().gamma == 0.8
+    pos = [[p, p] for p in range(12)]
+    mass = [[0.1 * (p % 5), 0.05 * (p % 3)] for p in range(12)]
+    lv = layer(pos, mass)
+    lv = LayerView(lv.pos_o, lv.pos_q, lv.mass_o, lv.mass_o**2 * 3, lv.mass_q, lv.mass_q)
+    view = KVView([lv], 4, 2, None, 11)  # 8 samples: the variance term counts
+    for a, b in zip(H2O().scores(view, 0), ARKV().scores(view, 0), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -20,6 +20,7 @@ import pytest
 
 import arkv_local  # noqa: F401  (binds llama_cpp to our library)
 from arkv_local.memory import LayerPlan, MemoryParams, TriStateKV, open_llama
+from arkv_local.policies import Budget
 from arkv_local.tiny_models import tiny_model_path
 
 SEED = 1234
@@ -36,10 +37,6 @@ BUDGETS = [160, 640]  # f16 tokens per layer; 640 > 256: O is read padded to 256
 @pytest.fixture(scope="module")
 def tiny_llama() -> str:
     return str(tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512))
-
-
-def pad64(n: int) -> int:
-    return (n + 63) // 64 * 64
 
 
 @dataclass
@@ -118,10 +115,8 @@ class Walk:
         self.H = self.mem.n_head_kv
         self.n_vocab = self.llm.n_vocab()
         # per K or per V arena: the O pool (f16) then, 64-byte aligned, the Q pool (Q4_0)
-        self.arena = self.budget // 2
-        self.row_o = self.mem.slot_bytes_o // 2
-        self.row_q = self.mem.slot_bytes_q // 2
-        self.cap_o_max = self.arena // self.row_o
+        self.layout = Budget(self.budget, self.mem.slot_bytes_o, self.mem.slot_bytes_q)
+        self.cap_o_max = self.layout.cap_o_max
         L = self.mem.n_layer
         empty = np.zeros((0, self.H), np.int64)
         self.exp = Expected([self.cap_o_max] * L, [empty] * L, [empty] * L,
@@ -129,8 +124,7 @@ class Walk:
         self.counts: dict[str, int] = {}
 
     def cap_q_for(self, cap_o: int) -> int:
-        off = pad64(cap_o * self.row_o)
-        return 0 if off >= self.arena else (self.arena - off) // self.row_q
+        return self.layout.cap_q(cap_o)
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import gguf
@@ -20,24 +21,29 @@ import pytest
 
 import arkv_local  # noqa: F401  (binds llama_cpp to our library)
 from arkv_local.memory import LayerPlan, MemoryParams, TriStateKV, open_llama
+from arkv_local.models import model_shape
 from arkv_local.tiny_models import tiny_model_path
 
 N_PAST = 200  # prefilled before the plan
 N_NEXT = 8  # decoded one token at a time after it
 BUDGET = 256  # f16 tokens per layer
 SEED = 1234
-CTX = dict(n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False)
+# ARKV_TEST_N_GPU_LAYERS: the device check (arkv_local/bench/gpu.py) runs these tests offloaded
+CTX = dict(n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False,
+           n_gpu_layers=int(os.environ.get("ARKV_TEST_N_GPU_LAYERS", "0")))
 
 QUANT_COUNTS = [(60, 100), (40, 80)]  # per layer (O rows kept, rows quantized) of N_PAST
 QUANT_CAP_O = 128  # O slots after the quantizing plan: the rest of the budget is Q
 
 Keep = list[list[set[int]]]  # [layer][kv head] -> positions
 
-# How a decoded token attends: (flash_attn, fused). "fused" is the one-pass CPU kernel that reads
-# Q4_0 rows as they are (llama-arkv-attn-cpu.cpp); the others dequantize Q rows to f16 and run
-# llama.cpp's attention. The fused kernel rounds like flash attention or better (f32 V sums):
-# it is held to flash attention's tolerances.
-ATTN = {"mul_mat": (False, False), "flash": (True, False), "fused": (True, True)}
+# How a decoded token attends: (flash_attn, MemoryParams.attn). "fused" is the one-pass CPU kernel
+# that reads Q4_0 rows as they are (llama-arkv-attn-cpu.cpp); "segments" runs flash attention over
+# the Q4_0 rows as they lie and over the O rows and merges them (the GPU path, forced here on the
+# CPU backend); the others dequantize Q rows to f16 and run llama.cpp's attention. The fused and
+# segments paths round like flash attention or better: they are held to its tolerances.
+ATTN = {"mul_mat": (False, "dequant"), "flash": (True, "dequant"), "fused": (True, "auto"),
+        "segments": (True, "segments")}
 
 # Tolerances on |logit| errors (logits reach ~1.4), keyed by flash_attn where they differ; in
 # brackets the largest error measured over 21 seeds on CPU. The reference rounds K and V to f16
@@ -243,12 +249,12 @@ def per_head_plan(mem: TriStateKV, rng: np.random.Generator, counts: list[tuple[
 
 
 def open_memory(path: Path, flash_attn: bool = False,
-                fused: bool = True) -> tuple[llama_cpp.Llama, TriStateKV]:
+                attn: str = "auto") -> tuple[llama_cpp.Llama, TriStateKV]:
     """A context whose tri-state memory holds BUDGET f16 tokens per layer, without rotation so
     that the cache holds K and V in the model's own basis, as the reference does."""
     # K+V f16 bytes of one token of one layer: 2 * 2 bytes * (rows of attn_k = n_head_kv * D)
     budget = BUDGET * 4 * load_model(str(path))[0]["blk.0.attn_k.weight"].shape[0]
-    params = MemoryParams(budget, rotate=False, fused=fused)
+    params = MemoryParams(budget, rotate=False, attn=attn)
     llm = open_llama(str(path), params, **CTX, flash_attn=flash_attn)
     return llm, TriStateKV(llm.ctx)
 
@@ -444,3 +450,47 @@ def test_prefill_stats_match_reference(tiny_llama: Path, flash_attn: bool, n_fir
     for n in (n_nw - 1, n_nw + 1):
         assert (np.abs(got / reference_stats(probs, w, n) - 1) > 5 * TOL_STATS[flash_attn]).all()
     del llm  # owns the memory: keep it alive to here
+
+
+def test_segments_path_in_a_context_without_flash_attention(
+        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the segments path always runs flash attention for decoding (a context without it hands it
+    # an f32 mask, cast to f16) while the prefill before the plan ran llama.cpp's mul_mat attention
+    monkeypatch.setitem(ATTN, "segments_f32_mask", (False, "segments"))
+    tokens, got, _, _, keep, quantized = run_plan(tiny_llama, "segments_f32_mask", QUANT_COUNTS,
+                                                  QUANT_CAP_O)
+    ref = reference_logits(tiny_llama, tokens, keep, N_NEXT, quantized, True)[N_PAST:]
+    assert np.abs(got - ref).max() <= TOL_QUANT[True]
+
+
+def cuda_alloc_padding(ne0: int, block_bytes: int) -> int:
+    """What ggml-cuda's get_alloc_size adds past a quantized tensor: its rows padded to 512."""
+    return (512 - ne0 % 512) // 32 * block_bytes if ne0 % 512 else 0
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "smollm2"])
+def test_pools_stay_inside_their_arena_under_cuda_padding(model: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    # ggml-cuda pads a quantized tensor it allocates to rows of 512 values and zeroes the padding;
+    # rows of 128 (tiny Llama) or 192 (SmolLM2) values would reach past the Q pool into the next
+    # arena. The pools are views (never padded), and the arena keeps zeroed slack for that padding.
+    path = request.getfixturevalue(model)
+    shape = model_shape(path)
+    params = MemoryParams(BUDGET * shape.f16_slot_bytes, rotate=False)
+    llm = open_llama(str(path), params, **CTX)
+    mem = TriStateKV(llm.ctx)
+    ne0 = mem.head_dim * mem.n_head_kv
+    assert ne0 % 512 != 0, "this shape must exercise the padding"
+    rng = np.random.default_rng(SEED)
+    llm.eval(rng.integers(0, llm.n_vocab(), N_PAST).tolist())
+    layouts = [mem.layers()[0].cap_o]
+    for cap_o, counts in ((QUANT_CAP_O, (20, 40)), (64, (10, 10))):
+        mem.submit(per_head_plan(mem, rng, [counts] * mem.n_layer, cap_o)[0])
+        llm.eval([1])  # applies the plan
+        layouts.append(mem.layers()[0].cap_o)
+        for layer in range(mem.n_layer):
+            e = mem.pool_extent(layer)
+            assert e.views
+            assert e.o_offset == 0 and e.q_offset >= e.o_bytes
+            assert e.q_offset + e.q_bytes + cuda_alloc_padding(ne0, 18) <= e.arena_bytes
+    assert layouts == [BUDGET, QUANT_CAP_O, 64]

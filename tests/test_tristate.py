@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import textwrap
+import threading
 from pathlib import Path
 
 import llama_cpp
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 import arkv_local  # noqa: F401  (binds llama_cpp to our library)
-from arkv_local.memory import LayerPlan, MemoryParams, TriStateKV, open_llama
+from arkv_local.memory import LayerPlan, MemoryParams, TriStateKV, disarm, open_llama
 from arkv_local.models import f16_slot_bytes
+from arkv_local.policies import Budget
 from arkv_local.tiny_models import tiny_model_path
 
 # any long text works: every test compares the same tokens through two caches
@@ -217,6 +219,15 @@ def test_reported_bytes_follow_the_pools(smollm2: Path, tokens: list[int]) -> No
     assert mem.free_slots() == 256 - 132
 
 
+def test_budget_arithmetic_is_the_native_memorys(smollm2: Path) -> None:
+    for quant in ("q4_0", "q8_0"):
+        _, mem = open_tristate(smollm2, 300, quant=quant)
+        budget = Budget(300 * f16_slot_bytes(smollm2), mem.slot_bytes_o, mem.slot_bytes_q)
+        assert budget.cap_o_max == 300 == mem.layers()[0].cap_o
+        for cap_o in (1, 2, 5, 63, 64, 100, 150, 255, 299, 300):
+            assert budget.cap_q(cap_o) == mem.cap_q(cap_o), (quant, cap_o)
+
+
 def test_batch_that_does_not_fit_fails_cleanly(smollm2: Path, tokens: list[int]) -> None:
     ours, mem = open_tristate(smollm2, 300, flash_attn=True)
     ours.eval(tokens[:250])
@@ -321,3 +332,34 @@ def test_quant_types_and_rotation_order_as_expected(smollm2: Path, tokens: list[
     # 8 bits beat 4; the Walsh-Hadamard rotation spreads outliers before 4-bit rounding
     assert results["q8_0", True] < results["q4_0", True] < results["q4_0", False]
     assert results["q4_1", True] < 2 * results["q4_0", True]
+
+
+def test_arming_belongs_to_the_thread_that_creates_the_context(smollm2: Path) -> None:
+    # thread A arms its budget; before A creates its context, thread B arms another and creates
+    # one. Each context gets its own thread's parameters (a process-wide arming gave A nothing).
+    slot = f16_slot_bytes(smollm2)
+    armed_a, b_done = threading.Event(), threading.Event()
+    got: dict[str, int] = {}
+
+    def thread_a() -> None:
+        MemoryParams(budget_bytes=300 * slot).arm()
+        armed_a.set()
+        b_done.wait(60)
+        try:
+            llm = llama_cpp.Llama(str(smollm2), **CTX)
+            got["a"] = TriStateKV(llm.ctx).layers()[0].cap_o
+        finally:
+            disarm()
+
+    def thread_b() -> None:
+        armed_a.wait(60)
+        llm = open_llama(str(smollm2), MemoryParams(budget_bytes=200 * slot), **CTX)
+        got["b"] = TriStateKV(llm.ctx).layers()[0].cap_o
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == {"a": 300, "b": 200}

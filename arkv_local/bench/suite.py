@@ -241,8 +241,16 @@ def reading(rep: Report, fid: dict[str, dict[str, Any]], pk: dict[str, dict[str,
 
 
 def plots(rep: Report, fid: dict[str, dict[str, Any]], n_text: int, out: Path) -> None:
-    """KLD-vs-memory and ARKV per-layer plots, linked from the report."""
-    from .plots import plot_kld, plot_layers
+    """KLD-vs-memory and ARKV per-layer plots, linked from the report; without matplotlib (an
+    optional dependency: the `plot` extra) a one-line hint instead, and the run goes on."""
+    try:
+        from .plots import plot_kld, plot_layers
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "matplotlib":
+            raise
+        print("arkv_local.bench: plots skipped: matplotlib is not installed "
+              "(pip install 'arkv_local[plot]')", file=sys.stderr)
+        return
 
     arkv_name = "arkv@25%"
     plot_kld(fid, out / "kld_vs_memory.png")

@@ -1,4 +1,4 @@
-// Fused two-segment attention on the CPU: one pass over a layer's quantized Q rows and f16 O rows
+// Fused two-segment attention on the CPU: one pass over a layer's quantized LO rows and f16 O rows
 // that dequantizes on read (no f16 copy of the cache), and adds the last queries' attention
 // probabilities to the score accumulators on the way (no second QK^T for heavy-hitter scores).
 //
@@ -16,8 +16,8 @@
 struct llama_arkv_attn_params {
     float   scale   = 1.0f;
     int32_t n_head  = 0; // query heads
-    int32_t n_q     = 0; // Q rows read (keys 0 .. n_q-1)
-    int32_t n_o     = 0; // O rows read (keys n_q .. n_q+n_o-1, padded: the mask hides the rest)
+    int32_t n_lo     = 0; // LO rows read (keys 0 .. n_lo-1)
+    int32_t n_o     = 0; // O rows read (keys n_lo .. n_lo+n_o-1, padded: the mask hides the rest)
     int32_t start   = 0; // first column of this layer in the shared mask
     int32_t n_sel   = 0; // the last n_sel queries' attention is added to the accumulators
     int32_t n_chunk = 1; // key chunks of the split-K pass
@@ -26,11 +26,11 @@ struct llama_arkv_attn_params {
 // whether the fused path is compiled in (it needs the CPU backend's vector kernels)
 bool llama_arkv_attn_cpu_available();
 
-// attention of q [D, n_head, n_tokens] (F32) over the rows k_q/v_q (type_q, [D*H, >= n_q]; may be
-// null when n_q == 0) and k_o/v_o (F16, [D*H, >= n_o]) under mask (F16 or F32, shared by all
-// layers: [n_mask, n_tokens]); acc_q/acc_o: F32 [H, cap, 2] score accumulators (sum p, sum p^2
+// attention of q [D, n_head, n_tokens] (F32) over the rows k_lo/v_lo (type_q, [D*H, >= n_lo]; may be
+// null when n_lo == 0) and k_o/v_o (F16, [D*H, >= n_o]) under mask (F16 or F32, shared by all
+// layers: [n_mask, n_tokens]); acc_lo/acc_o: F32 [H, cap, 2] score accumulators (sum p, sum p^2
 // over the scored queries and the GQA group), or null when n_sel == 0.
 // Returns F32 [D*n_head, n_tokens], as build_attn_mha.
-ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_q, ggml_tensor * v_q,
+ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_lo, ggml_tensor * v_lo,
                                   ggml_tensor * k_o, ggml_tensor * v_o, ggml_tensor * mask,
-                                  ggml_tensor * acc_q, ggml_tensor * acc_o, llama_arkv_attn_params * p);
+                                  ggml_tensor * acc_lo, ggml_tensor * acc_o, llama_arkv_attn_params * p);

@@ -3,7 +3,6 @@
 #include "llama-context.h"
 #include "llama-kv-cache-arkv.h"
 
-#include <mutex>
 #include <optional>
 #include <string>
 
@@ -11,8 +10,9 @@
 #define ARKV_LOCAL_VERSION "dev"
 #endif
 
-static std::mutex g_arkv_mutex;
-static std::optional<llama_arkv_params> g_arkv_armed;
+// per thread: a context is created in the thread that armed it, so two threads creating contexts at
+// once never take each other's parameters
+static thread_local std::optional<llama_arkv_params> g_arkv_armed;
 static thread_local std::string g_arkv_error;
 
 const char * llama_arkv_version(void) {
@@ -28,12 +28,11 @@ struct llama_arkv_params llama_arkv_default_params(void) {
     p.type_q          = GGML_TYPE_Q4_0;
     p.rotate          = true;
     p.n_score_queries = 32;
-    p.fused           = true;
+    p.attn            = LLAMA_ARKV_ATTN_AUTO;
     return p;
 }
 
 void llama_arkv_arm(const struct llama_arkv_params * params) {
-    std::lock_guard<std::mutex> lock(g_arkv_mutex);
     g_arkv_error.clear();
     if (params) {
         g_arkv_armed = *params;
@@ -43,7 +42,6 @@ void llama_arkv_arm(const struct llama_arkv_params * params) {
 }
 
 bool llama_arkv_take_armed(llama_arkv_params * out) {
-    std::lock_guard<std::mutex> lock(g_arkv_mutex);
     if (!g_arkv_armed) {
         return false;
     }
@@ -82,13 +80,13 @@ int32_t llama_arkv_head_dim(const struct llama_context * ctx) {
 uint64_t llama_arkv_slot_bytes(const struct llama_context * ctx, bool quantized) {
     const auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);
-    return 2*(quantized ? kv->row_bytes_q() : kv->row_bytes_o());
+    return 2*(quantized ? kv->row_bytes_lo() : kv->row_bytes_o());
 }
 
 uint32_t llama_arkv_cap_q(const struct llama_context * ctx, uint32_t cap_o) {
     const auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);
-    return kv->cap_q_for(cap_o);
+    return kv->cap_lo_for(cap_o);
 }
 
 int32_t llama_arkv_free_slots(const struct llama_context * ctx) {
@@ -102,6 +100,15 @@ int32_t llama_arkv_free_slots(const struct llama_context * ctx) {
     return res;
 }
 
+bool llama_arkv_get_pool_extent(const struct llama_context * ctx, int32_t i, uint64_t * out) {
+    const auto * kv = arkv_of(ctx);
+    if (!kv || i < 0 || (uint32_t) i >= kv->n_layer()) {
+        return false;
+    }
+    kv->pool_extent(i, out);
+    return true;
+}
+
 void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_layer_info * out) {
     const auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);
@@ -110,13 +117,13 @@ void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_l
     }
 }
 
-void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_q) {
+void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_lo) {
     const auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);
     for (uint32_t i = 0; i < kv->n_layer(); ++i) {
         const auto & l = kv->get_layer(i);
         pos_o = std::copy(l.pos_o.begin(), l.pos_o.end(), pos_o);
-        pos_q = std::copy(l.pos_q.begin(), l.pos_q.end(), pos_q);
+        pos_lo = std::copy(l.pos_lo.begin(), l.pos_lo.end(), pos_lo);
     }
 }
 

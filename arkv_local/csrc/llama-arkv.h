@@ -14,13 +14,21 @@ extern "C" {
     // Identifies a libllama built by arkv_local: "arkv_local <version> (llama.cpp <build>)".
     LLAMA_API const char * llama_arkv_version(void);
 
+    // how a small ubatch (decoding, <= 8 tokens) attends over a layer with Q rows; larger ubatches
+    // always dequantize Q rows into f16 and run llama.cpp's attention (prefill is compute-bound)
+    enum llama_arkv_attn {
+        LLAMA_ARKV_ATTN_AUTO     = 0, // host pools: the fused CPU kernel (when built in); else SEGMENTS
+        LLAMA_ARKV_ATTN_DEQUANT  = 1, // Q rows dequantized to f16, concatenated with O, stock attention
+        LLAMA_ARKV_ATTN_SEGMENTS = 2, // flash attention over Q rows as they lie and over O rows, merged exactly
+    };
+
     struct llama_arkv_params {
         uint64_t       budget_bytes;    // K+V bytes each layer may hold (O rows in f16, Q rows in type_q)
         uint32_t       n_o_init;        // O slots per layer at creation; 0: the whole budget in f16
         enum ggml_type type_q;          // Q pool type: GGML_TYPE_Q4_0 (default), Q4_1 or Q8_0
         bool           rotate;          // Walsh-Hadamard rotation of K and V (both pools), as llama.cpp's quantized caches
         uint32_t       n_score_queries; // last queries of each ubatch whose attention is accumulated (0: none)
-        bool           fused;           // small ubatches on host pools use the fused CPU attention (when built in)
+        enum llama_arkv_attn attn;      // decode attention path (LLAMA_ARKV_ATTN_AUTO)
     };
 
     struct llama_arkv_layer_info {
@@ -44,7 +52,7 @@ extern "C" {
 
     LLAMA_API struct llama_arkv_params llama_arkv_default_params(void);
 
-    // the next context created uses ARKV with these parameters (NULL disarms); taken by one context
+    // the next context created by this thread uses ARKV with these parameters (NULL disarms); taken by one context
     LLAMA_API void llama_arkv_arm(const struct llama_arkv_params * params);
 
     // why the last ARKV call failed (also a refused model), or ""
@@ -63,6 +71,10 @@ extern "C" {
 
     // tokens that can be decoded before a plan must free O slots
     LLAMA_API int32_t llama_arkv_free_slots(const struct llama_context * ctx);
+
+    // where layer i's K pools lie in its arena, in bytes (V's are alike): out[6] = { O offset, O bytes,
+    // Q offset, Q bytes, arena bytes allocated, 1 if all pools are views of their arena (never padded) }
+    LLAMA_API bool llama_arkv_get_pool_extent(const struct llama_context * ctx, int32_t i, uint64_t * out);
 
     LLAMA_API void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_layer_info * out);
 

@@ -1,15 +1,17 @@
 // Tri-state KV memory (ARKV): every cached token, per layer and per KV head, is Original (f16),
 // Quantized (a 4-bit or 8-bit ggml block type) or Evicted.
 //
-// Per layer, K and V each own one byte arena of the layer's budget. The arena holds an f16 O pool
-// followed by a quantized Q pool, both token-major: one row of head_dim values per (slot, KV head),
-// [head_dim * n_head_kv, cap]. The O/Q split of an arena can change when a plan is applied.
-// A slot may hold different tokens in different heads; all heads of a layer hold equal counts.
+// Per layer, K and V each own one byte arena of the layer's budget. The arena holds the O pool (f16)
+// followed by the LO pool (low precision: the rows in the paper's Q state; "q" stays llama.cpp's query),
+// both token-major: one row of head_dim values per (slot, KV head), [head_dim * n_head_kv, cap], placed as
+// typed views of the arena. The O/LO split of an arena can change when a plan is applied. A slot may hold
+// different tokens in different heads; all heads of a layer hold equal counts.
 //
-// Attention reads, per layer, [Q rows dequantized to f16 | O rows] and runs the stock
-// build_attn_mha over them; small ubatches on the CPU take a fused pass that reads Q rows as they
-// are (llama-arkv-attn-cpu.h). New tokens are appended to O. Which tokens move O->Q or get evicted
-// is decided outside (a plan from Python), applied here as a get_rows/set_rows graph.
+// Files: this header and llama-kv-cache-arkv.cpp (llama_memory_i: pools, metadata, seq_*, state),
+// llama-arkv-plan.cpp (plans: validate, move rows, commit), llama-arkv-graph.cpp (the attention input,
+// the store, choose_attn_path and the attention paths, scores, statistics), llama-arkv-attn-cpu.* (the
+// fused CPU decode kernel) and llama-arkv.* (the C API). New tokens are appended to O; which tokens move
+// O->LO or get evicted is decided outside (a plan from Python).
 
 #pragma once
 
@@ -35,26 +37,26 @@ public:
     struct layer {
         uint32_t il;        // layer index in the model
 
-        ggml_tensor * k_arena; // I8 [arena_bytes]
+        ggml_tensor * k_arena; // I8 [arena_alloc_bytes()]
         ggml_tensor * v_arena;
 
-        uint32_t cap_o = 0; // slots in the O pool
-        uint32_t cap_q = 0; // slots in the Q pool
-        uint32_t n_o   = 0; // slots in use (equal in all heads)
-        uint32_t n_q   = 0;
+        uint32_t cap_o  = 0; // slots in the O pool
+        uint32_t cap_lo = 0; // slots in the LO pool
+        uint32_t n_o    = 0; // slots in use (equal in all heads)
+        uint32_t n_lo   = 0;
 
-        ggml_tensor * k_o = nullptr; // F16    [n_embd_gqa, cap_o], placed at k_arena + 0
-        ggml_tensor * v_o = nullptr;
-        ggml_tensor * k_q = nullptr; // type_q [n_embd_gqa, cap_q], placed after the O pool
-        ggml_tensor * v_q = nullptr;
+        ggml_tensor * k_o  = nullptr; // F16    [n_embd_gqa, cap_o], a view at k_arena + 0
+        ggml_tensor * v_o  = nullptr;
+        ggml_tensor * k_lo = nullptr; // type_q [n_embd_gqa, cap_lo], a view after the O pool
+        ggml_tensor * v_lo = nullptr;
 
         // host: position of the token in (slot, head), -1 when free; [cap][n_head_kv]
         std::vector<llama_pos> pos_o;
-        std::vector<llama_pos> pos_q;
+        std::vector<llama_pos> pos_lo;
 
         // device: attention mass and squared mass per (slot, head) since the last plan
-        ggml_tensor * acc_o = nullptr; // F32 [n_head_kv, cap_o_max, 2]
-        ggml_tensor * acc_q = nullptr; // F32 [n_head_kv, cap_q_max, 2]
+        ggml_tensor * acc_o  = nullptr; // F32 [n_head_kv, cap_o_max, 2]
+        ggml_tensor * acc_lo = nullptr; // F32 [n_head_kv, cap_lo_max, 2]
 
         // device: entropy, variance and kurtosis of the observation window's attention (ARKV)
         ggml_tensor * stats = nullptr; // F32 [3]
@@ -104,8 +106,12 @@ public:
 
     // slots one token costs in a pool, and what a layout with cap_o O slots leaves for Q
     size_t   row_bytes_o() const;
-    size_t   row_bytes_q() const;
-    uint32_t cap_q_for(uint32_t cap_o) const;
+    size_t   row_bytes_lo() const;
+    uint32_t cap_lo_for(uint32_t cap_o) const;
+    size_t   arena_alloc_bytes() const;
+
+    // where layer i's K pools lie in its arena (see llama_arkv_get_pool_extent)
+    void pool_extent(uint32_t i, uint64_t out[6]) const;
 
     llama_arkv_layer_info layer_info(uint32_t i) const;
 
@@ -127,15 +133,18 @@ public:
 
     // the rows each layer attends over for a ubatch, and where its window sits in the shared mask
     struct view {
-        uint32_t n_q     = 0; // Q rows read (exact: Q only changes with plans)
-        uint32_t n_o     = 0; // O rows in use after the ubatch is stored
-        uint32_t n_o_pad = 0; // O rows read (padded, for graph reuse)
-        uint32_t start   = 0; // first mask column of this layer
+        uint32_t n_lo     = 0; // LO rows in use (LO only changes with plans)
+        uint32_t n_lo_pad = 0; // LO rows read by a flash attention over LO alone (padded for ggml-cuda's vector kernel)
+        uint32_t n_o      = 0; // O rows in use after the ubatch is stored
+        uint32_t n_o_pad  = 0; // O rows read (padded, for graph reuse)
+        uint32_t start    = 0; // first mask column of this layer
     };
     struct layout {
         std::vector<view> views;  // [n_layer]
-        uint32_t n_old  = 0;      // mask columns before the new tokens (X)
-        uint32_t n_mask = 0;      // mask width
+        uint32_t n_old      = 0;  // mask columns before the new tokens (X)
+        uint32_t n_mask     = 0;  // mask width
+        uint32_t n_lo_max   = 0;  // the LO rows' mask (segments path): n_lo_max visible columns, then lo_pad_max hidden
+        uint32_t lo_pad_max = 0;
         bool stats = false;       // compute the observation window's statistics
         uint32_t pools = 0;       // pool placement the graph reads (changes with plans and state loads)
         bool operator==(const layout & other) const;
@@ -152,24 +161,55 @@ public:
 
     ggml_tensor * build_input_rot(ggml_context * ctx, int64_t n) const;
 
+    // how one layer attends for one ubatch (choose_attn_path)
+    enum attn_path {
+        ATTN_STOCK,     // only O rows: llama.cpp's attention over them
+        ATTN_DEQUANT,   // LO rows dequantized to f16 and concatenated with O: llama.cpp's attention
+        ATTN_FUSED_CPU, // one pass over Q and O rows in host memory (llama-arkv-attn-cpu.h)
+        ATTN_SEGMENTS,  // flash attention over LO rows as they lie and over O rows, merged exactly
+    };
+    attn_path choose_attn_path(const llm_graph_context & gctx, const layer & l, const view & v, int64_t n_tokens, bool stats) const;
+
     // store K/V of the current ubatch into O and accumulate scores for the last n_score_queries
-    // queries; returns the attention output when it computed it (fused, llama-arkv-attn-cpu.h),
-    // else nullptr and the f16 K/V to attend over, [head_dim, n_head_kv, n_kv]
+    // queries; returns the attention output when it computed it (fused or segments), else nullptr
+    // and the f16 K/V for llama.cpp's attention, [head_dim, n_head_kv, n_kv]
     ggml_tensor * build_kv(llm_graph_context & gctx, class llm_graph_input_attn_kv_arkv * inp,
                            ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale, int il,
                            ggml_tensor ** k_out, ggml_tensor ** v_out) const;
 
+    void build_store(ggml_context * ctx0, ggml_cgraph * gf, const class llm_graph_input_attn_kv_arkv * inp, const layer & l,
+                     uint32_t ikv, ggml_tensor * k_cur, ggml_tensor * v_cur, ggml_tensor ** k_o, ggml_tensor ** v_o) const;
+    ggml_tensor * pool_heads(ggml_context * ctx0, ggml_tensor * pool, int64_t n) const;
+    ggml_tensor * build_read_dequant(ggml_context * ctx0, const class llm_graph_input_attn_kv_arkv * inp, const view & v,
+                                     ggml_tensor * pool_o, ggml_tensor * pool_q) const;
+    ggml_tensor * build_probs(ggml_context * ctx0, ggml_tensor * q_cur, ggml_tensor * k_lo, ggml_tensor * k_o,
+                              ggml_tensor * mask, float kq_scale, int64_t n_sel) const;
+    void build_scores(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, const view & v, ggml_tensor * p) const;
+    ggml_tensor * build_attn_segments(ggml_context * ctx0, ggml_cgraph * gf, const class llm_graph_input_attn_kv_arkv * inp,
+                                      const layer & l, const view & v, ggml_tensor * q_cur, ggml_tensor * k_o,
+                                      ggml_tensor * v_o, ggml_tensor * mask, float kq_scale, int64_t n_sel) const;
     void build_stats(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, ggml_tensor * p, int64_t n_nw) const;
 
     // host inputs
     void set_input_k_idxs(ggml_tensor * dst, const llama_ubatch * ubatch) const;
     void set_input_kq_mask(ggml_tensor * dst, const llama_ubatch * ubatch, const layout & lay) const;
+    void set_input_q_mask(ggml_tensor * dst, const layout & lay) const;
     void set_input_rot(ggml_tensor * dst) const;
 
 private:
     friend class llama_kv_cache_arkv_context;
 
-    struct layer_move; // a validated plan for one layer
+    // a validated plan for one layer
+    struct layer_move {
+        uint32_t ikv;   // index in layers
+        uint32_t cap_o; // new layout
+        uint32_t n_o;
+        uint32_t n_lo;
+        std::vector<int32_t> o_src;     // [n_o][n_head_kv] old O slots
+        std::vector<int32_t> lo_src;    // [n_lo][n_head_kv] old slots ...
+        std::vector<uint8_t> lo_from_o; // [n_lo][n_head_kv] ... in O (1: quantized now) or in LO (0: moved as is)
+    };
+    struct plan_inputs; // index inputs of a plan graph
 
     const llama_model & model;
     const llama_hparams & hparams;
@@ -199,9 +239,13 @@ private:
 
     std::vector<layer_move> pending;
 
+    void alloc_layers(const llama_cparams & cparams, uint32_t cap_o_max);
     void place_pools(ggml_context * ctx, layer & l, uint32_t cap_o);
-    void clear_o_tail(const layer & l);
+    void clear_tails(const layer & l);
     bool apply_plan(llama_context * lctx);
+    void build_plan_moves(ggml_context * ctx, ggml_cgraph * gf, plan_inputs & in, const layer & lo, const layer & ln,
+                          const layer_move & m) const;
+    void plan_metadata(const layer & lo, layer & ln, const layer_move & m) const;
     void reset_scores();
 
     llama_pos pos_min_slow() const;
@@ -217,7 +261,8 @@ public:
     void set_input(const llama_ubatch * ubatch) override;
     bool can_reuse(const llm_graph_params & params) override;
 
-    ggml_tensor * q_arange = nullptr; // I32 [max n_q]: 0, 1, ... (get_rows dequantizes Q rows)
+    ggml_tensor * lo_arange = nullptr; // I32 [max n_lo]: 0, 1, ... (get_rows dequantizes LO rows)
+    ggml_tensor * lo_mask   = nullptr; // F16 [n_lo_max + lo_pad_max, n_tokens]: the LO rows' mask (segments path)
 
     llama_kv_cache_arkv::layout lay; // what the graph was built for
 

@@ -1,6 +1,7 @@
 """KV policies: which cached token stays f16, goes to 4 bits, or is evicted.
 
 A new policy is a small subclass of `Policy` overriding `scores` (and `ratios` to use Q).
+Numpy only: policies import and run without the native library.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ import dataclasses
 from typing import Any
 
 from .arkv import ARKV, TAU_INSTRUCT, TAU_TUNED
-from .base import Budget, KVView, LayerView, Policy
+from .base import Policy
 from .baselines import H2O, Quant, Window
 from .heavy_hitter import HeavyHitter
+from .types import Budget, KVView, LayerPlan, LayerView
 
 POLICIES: dict[str, type[Policy]] = {"arkv": ARKV, "h2o": H2O, "window": Window, "quant": Quant}
 KV_POLICIES = ("full", *POLICIES)  # "full": llama.cpp's own f16 cache
@@ -39,5 +41,5 @@ def make_policy(policy: str | Policy, **knobs: Any) -> Policy | None:
 
 __all__ = [
     "ARKV", "H2O", "KV_POLICIES", "POLICIES", "TAU_INSTRUCT", "TAU_TUNED", "Budget",
-    "HeavyHitter", "KVView", "LayerView", "Policy", "Quant", "Window", "make_policy",
+    "HeavyHitter", "KVView", "LayerPlan", "LayerView", "Policy", "Quant", "Window", "make_policy",
 ]

@@ -23,8 +23,7 @@ class ARKV(HeavyHitter):
     0.8), chosen on the benchmark's text: its tuned ones (TAU_TUNED, 263.8) give every layer an
     OQ ratio near 1, its budget in f16, and so evict most tokens (5x the KLD at 25% memory)."""
 
-    tau: tuple[float, float, float] = TAU_INSTRUCT
-    gamma: float = 0.8
+    tau: tuple[float, float, float] = TAU_INSTRUCT  # gamma: HeavyHitter's, heavy_hitter.GAMMA
 
     name: ClassVar[str] = "arkv"
     needs_stats: ClassVar[bool] = True

@@ -30,7 +30,10 @@ def heavy_hitter(mass: np.ndarray, mass_sq: np.ndarray, n: int, gamma: float) ->
 
 def smooth_by_position(score: np.ndarray, pos: np.ndarray, width: int = 5) -> np.ndarray:
     """Moving average over neighbouring tokens in position order, zero padded at the ends
-    (the reference's avg_pool1d(kernel=width, padding=width//2))."""
+    (the reference's avg_pool1d(kernel=width, padding=width//2)). No token, no score: the
+    padded row would be shorter than the kernel, which np.convolve would swap in."""
+    if len(score) == 0:
+        return np.zeros(0)
     order = np.argsort(pos)
     out = np.empty_like(score, np.float64)
     padded = np.pad(score[order].astype(np.float64), width // 2)  # "same" would grow short rows

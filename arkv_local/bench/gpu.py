@@ -1,0 +1,391 @@
+"""The CUDA device check, prepared here and run in one call on a lent GPU machine.
+
+`python -m arkv_local.bench.gpu kit` (on the CPU machine, after `make install`) fills `.gpu/`:
+the patched llama.cpp tree trimmed to what a CUDA build of our libraries needs (a few MB), the
+pure-Python packages the device image lacks (llama_cpp, gguf, diskcache), a dist-info for
+arkv_local, and `run.sh`. Carry `.gpu` and run `bash .gpu/run.sh [SECTION...]` there: it builds
+the libraries for sm_90 into build/cuda (16 cores; kept between calls while the machine is
+warm), then runs the sections (env sched exact plan bench decode reference; default all), each a
+separate command that prints its result and writes $OUT/gpu_<section>.json, so a call cut short
+by the time limit resumes with the sections left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+KIT = ROOT / ".gpu"
+PACKAGES = ("llama_cpp", "gguf", "diskcache")
+SECTIONS = ("env", "sched", "exact", "plan", "bench", "decode", "reference")
+# of vendor/llama.cpp, what a build of the libraries reads (no other backend, tool or model)
+TREE = ("CMakeLists.txt", "LICENSE", "cmake", "include", "src", "vendor", "licenses",
+        ".arkv-stamp.json", "ggml")
+BACKENDS_KEPT = ("ggml-cpu", "ggml-cuda", "ggml-blas")
+
+# Llama-3-8B's attention (32 layers, 32 heads, 8 KV heads x 128) with a small FFN and vocabulary:
+# the KV cache, which this project is about, has the real model's size
+BENCH_MODEL = dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=1024,
+                   n_ctx_train=65536, dtype="f16")
+# tiny shapes of the checks: K/V rows of 128 (Llama) and 192 (SmolLM2's 3 x 64) values, which
+# ggml-cuda pads (ne0 % 512 != 0), and Qwen3 (its own K/Q norms)
+TINY = {
+    "llama-128": ("llama", dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)),
+    "llama-192": ("llama", dict(n_layer=2, n_embd=576, n_head=9, n_head_kv=3, n_ff=512)),
+    "qwen3-128": ("qwen3", dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)),
+}
+RUN_SH = Path(__file__).with_name("gpu_run.sh")  # becomes .gpu/run.sh
+
+
+# -- the kit (CPU machine) --------------------------------------------------------------------
+
+
+def _trim(t: Any) -> Any:
+    """Leave out other backends' sources and caches."""
+    parts = Path(t.name).parts
+    if "__pycache__" in parts:
+        return None
+    if len(parts) > 3 and parts[1:3] == ("ggml", "src") and parts[3].startswith("ggml-") \
+            and "." not in parts[3] and parts[3] not in BACKENDS_KEPT:
+        return None
+    return t
+
+
+def make_kit() -> int:
+    """Fill .gpu/ from vendor/llama.cpp and the venv; print its size."""
+    import importlib.util
+    import tarfile
+    from importlib.metadata import version
+
+    tree = ROOT / "vendor" / "llama.cpp"
+    if not (tree / ".arkv-stamp.json").is_file():
+        print(f"{tree} is not prepared: run `make install` first", file=sys.stderr)
+        return 2
+    shutil.rmtree(KIT, ignore_errors=True)
+    KIT.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.o")
+    with tarfile.open(KIT / "llama.cpp.tar.gz", "w:gz") as tar:
+        for item in TREE:
+            if (tree / item).exists():
+                tar.add(tree / item, f"llama.cpp/{item}", filter=_trim)
+    site = KIT / "site"
+    for pkg in PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        assert spec and spec.origin, pkg
+        shutil.copytree(Path(spec.origin).parent, site / pkg, ignore=skip)
+    info = site / f"arkv_local-{version('arkv_local')}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: arkv_local\n"
+                                   f"Version: {version('arkv_local')}\n")
+    shutil.copy2(RUN_SH, KIT / "run.sh")
+    size = sum(f.stat().st_size for f in KIT.rglob("*") if f.is_file())
+    print(f"{KIT}: {size / 2**20:.1f} MiB (a call carries at most 64 MiB with the checkout)")
+    return 0
+
+
+# -- the sections (device machine) ------------------------------------------------------------
+
+
+def tiny(name: str) -> str:
+    from ..tiny_models import tiny_model_path
+
+    arch, kw = TINY[name]
+    return str(tiny_model_path(arch, **kw))
+
+
+def section_env() -> dict[str, Any]:
+    """The card, the driver and whether our library offloads."""
+    import llama_cpp
+
+    from .. import arkv_cpp
+
+    smi = nvidia_smi("--query-gpu=name,driver_version,memory.total", "--format=csv,noheader")
+    return dict(gpu=smi, lib=str(arkv_cpp.LIB_DIR),
+                offload=bool(llama_cpp.llama_supports_gpu_offload()),
+                version=arkv_cpp.llama_arkv_version().decode())
+
+
+def open_pair(path: str, budget_tokens: int, fa: bool, ngl: int = 99, **mem: Any):
+    """A stock llama_cpp.Llama and one over the tri-state memory, same settings."""
+    import llama_cpp
+
+    from ..memory import MemoryParams, open_llama
+    from ..models import f16_slot_bytes
+
+    verbose = os.environ.get("ARKV_GPU_VERBOSE") == "1"  # GGML_SCHED_DEBUG prints through the log
+    ctx = dict(n_ctx=1024, n_batch=512, n_ubatch=512, logits_all=True, verbose=verbose,
+               flash_attn=fa, n_gpu_layers=ngl)
+    stock = llama_cpp.Llama(path, **ctx)
+    params = MemoryParams(budget_tokens * f16_slot_bytes(path), rotate=False, **mem)
+    return stock, open_llama(path, params, **ctx)
+
+
+def tokens_for(llm: Any, n: int, seed: int = 0) -> list[int]:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, llm.n_vocab(), n).tolist()
+
+
+def section_exact() -> list[dict[str, Any]]:
+    """Nothing evicted: logits of the tri-state memory against the stock CUDA cache."""
+    import numpy as np
+
+    rows = []
+    for name in TINY:
+        for fa in (False, True):
+            stock, ours = open_pair(tiny(name), 512, fa)
+            toks = tokens_for(stock, 300)
+            for llm in (stock, ours):
+                llm.eval(toks[:292])
+                for t in toks[292:]:
+                    llm.eval([t])
+            a, b = stock.scores[:300], ours.scores[:300]
+            diff = float(np.abs(a - b).max())
+            rows.append(dict(model=name, flash_attn=fa, max_abs_diff=diff, exact=diff == 0.0))
+    return rows
+
+
+def per_head_plan(mem: Any, rng: Any, n_o: int, n_q: int, cap_o: int) -> list[Any]:
+    """Per KV head, random O rows kept and others quantized (the rest evicted)."""
+    import numpy as np
+
+    from ..memory import LayerPlan
+
+    plan = []
+    for info in mem.layers():
+        o_src = np.empty((n_o, mem.n_head_kv), np.int32)
+        q_src = np.empty((n_q, mem.n_head_kv), np.int32)
+        for h in range(mem.n_head_kv):
+            slots = rng.permutation(info.n_o)[:n_o + n_q]
+            o_src[:, h], q_src[:, h] = np.sort(slots[:n_o]), slots[n_o:]
+        plan.append(LayerPlan(cap_o, o_src, q_src, np.ones_like(q_src, bool)))
+    return plan
+
+
+def plan_logits(path: str, ngl: int, fa: bool, attn: str) -> Any:
+    """Prefill 300 tokens, a per-head quantizing plan, 8 decoded tokens: their logits."""
+    import numpy as np
+
+    from ..memory import TriStateKV
+
+    _, llm = open_pair(path, 512, fa, ngl, attn=attn)
+    mem = TriStateKV(llm.ctx)
+    toks = tokens_for(llm, 308)
+    llm.eval(toks[:300])
+    mem.submit(per_head_plan(mem, np.random.default_rng(1), 60, 180, 128))
+    for t in toks[300:]:
+        llm.eval([t])
+    return np.array(llm.scores[300:308], np.float64)
+
+
+def section_plan() -> list[dict[str, Any]]:
+    """A per-head quantizing plan decoded on the GPU (segments and dequant paths) against the
+    same plan on the CPU backend."""
+    import numpy as np
+
+    rows = []
+    for name in TINY:
+        for fa in (False, True):
+            cpu = plan_logits(tiny(name), 0, fa, "auto")
+            for attn in ("segments", "dequant"):
+                t0 = time.perf_counter()
+                gpu = plan_logits(tiny(name), 99, fa, attn)
+                rows.append(dict(model=name, flash_attn=fa, attn=attn,
+                                 max_abs_diff_vs_cpu=float(np.abs(gpu - cpu).max()),
+                                 finite=bool(np.isfinite(gpu).all()),
+                                 seconds=round(time.perf_counter() - t0, 2)))
+    return rows
+
+
+def section_sched(out: Path) -> dict[str, Any]:
+    """GGML_SCHED_DEBUG=2 over a decode after a quantizing plan: nodes not on CUDA, by op."""
+    code = ("from arkv_local.bench.gpu import plan_logits, tiny; "
+            "plan_logits(tiny('llama-192'), 99, True, 'auto')")
+    env = dict(os.environ, GGML_SCHED_DEBUG="2", ARKV_GPU_VERBOSE="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    (out / "gpu_sched.log").write_text(r.stderr[-4_000_000:])
+    off: dict[str, list[str]] = {}  # "OP on BACKEND" -> node names
+    n_nodes = 0
+    for line in r.stderr.splitlines():
+        if not line.startswith("node #"):
+            continue
+        n_nodes += 1
+        op = line.split("(", 1)[1].split(")", 1)[0].strip()
+        backend = line.split("[", 1)[1].split()[0]
+        if not backend.startswith("CUDA"):
+            name = line.split(":", 1)[1].split("(")[0].strip()
+            off.setdefault(f"{op} on {backend}", []).append(name)
+    return dict(rc=r.returncode, nodes=n_nodes, not_on_cuda={
+        k: f"{len(v)} nodes, e.g. {', '.join(sorted(set(v))[:4])}" for k, v in off.items()})
+
+
+def section_reference() -> dict[str, Any]:
+    """tests/test_reference.py (the numpy reference) with every layer offloaded."""
+    env = dict(os.environ, ARKV_TEST_N_GPU_LAYERS="99")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_reference.py", "--timeout=300", "-k", "not smollm2"],  # no hub
+                       env=env, capture_output=True, text=True, cwd=ROOT)
+    return dict(rc=r.returncode, tail=r.stdout[-3000:])
+
+
+def nvidia_smi(*args: str) -> str:
+    """nvidia-smi's output, or "" where there is none (a dry run on the CPU machine)."""
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        return ""
+
+
+def vram_mib() -> int:
+    """GPU memory this process holds (nvidia-smi)."""
+    q = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+    for line in q.splitlines():
+        pid, mem = (x.strip() for x in line.split(","))
+        if int(pid) == os.getpid():
+            return int(mem)
+    return -1
+
+
+def bench_one(spec: str) -> int:
+    """One benchmark configuration in its own process: prefill and decode tok/s, VRAM."""
+    from .child import open_config
+    from .speed import timed
+
+    cfg = json.loads(spec)
+    depth, n_gen = cfg["depth"], cfg["n_gen"]
+    llm = open_config(cfg, cfg["model"], depth + n_gen + 256,
+                      int(cfg.get("fraction", 1.0) * depth), n_batch=2048, n_ubatch=512)
+    prefill, decode = timed(llm, depth, n_gen)
+    res = dict(name=cfg["name"], depth=depth, prefill=round(prefill, 1), decode=round(decode, 2),
+               vram_mib=vram_mib())
+    if cfg["kind"] not in ("f16", "llama_q4_0"):
+        st = llm.kv_stats()
+        res.update(kv_mib=round(st.bytes_used / 2**20, 1),
+                   budget_mib=round(st.bytes_budget / 2**20, 1),
+                   tailorings=st.n_tailorings, tailoring_s=round(st.tailoring_seconds, 2))
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def bench_model() -> str:
+    """The bench model's file (generated once); ARKV_GPU_DRY_RUN=1: a 2-layer one of the same
+    head shape, to try the sections on the CPU machine."""
+    from ..tiny_models import tiny_model_path
+
+    dry = dict(n_layer=2, n_embd=1024, n_head=8, n_head_kv=2)  # head_dim 128, as the real one
+    shape = dict(BENCH_MODEL, **dry) if os.environ.get("ARKV_GPU_DRY_RUN") else BENCH_MODEL
+    return str(tiny_model_path("llama", **shape))
+
+
+def section_bench(depths: list[int], n_gen: int) -> list[dict[str, Any]]:
+    """Llama-3-8B-shaped attention: f16 cache, llama.cpp's q4_0, quant@25%, arkv@25%."""
+    t0 = time.perf_counter()
+    model = bench_model()
+    print(f"bench model ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    configs = [("f16", "f16", None), ("q4_0", "llama_q4_0", None), ("quant@25%", "quant", 0.25),
+               ("arkv@25%", "arkv", 0.25)]
+    rows = []
+    for depth in depths:
+        for name, kind, frac in configs:
+            cfg = dict(name=name, kind=kind, model=model, depth=depth, n_gen=n_gen,
+                       n_gpu_layers=99, threads=8)
+            if frac:
+                cfg["fraction"] = frac
+            r = subprocess.run([sys.executable, "-m", "arkv_local.bench.gpu", "_one",
+                                json.dumps(cfg)], capture_output=True, text=True)
+            try:
+                rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            except (IndexError, json.JSONDecodeError):
+                rows.append(dict(name=name, depth=depth, error=r.stderr[-600:]))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def section_decode(depth: int, n_gen: int) -> list[dict[str, Any]]:
+    """Steady-state decode tok/s on the bench model (no plan during the timing): the f16 and
+    q4_0 caches, and quant/arkv at 25% through the segments and the dequant paths."""
+    import functools
+
+    from .. import llama as arkv_llama
+    from ..memory import MemoryParams
+    from .speed import bench_text_tokens
+
+    model = bench_model()
+    rows = []
+    for policy, attn in [("full", ""), ("q4_0", ""), ("quant", "segments"), ("quant", "dequant"),
+                         ("arkv", "segments"), ("arkv", "dequant")]:
+        common: dict[str, Any] = dict(n_ctx=depth + 512, n_gpu_layers=99, flash_attn=True,
+                                      n_batch=2048, verbose=False)
+        if policy == "q4_0":
+            common.update(type_k=2, type_v=2)
+        elif policy != "full":
+            common.update(kv_policy=policy, kv_budget=depth // 4)
+        arkv_llama.MemoryParams = functools.partial(MemoryParams, attn=attn or "auto")
+        llm = arkv_llama.Llama(model, **common)
+        toks = bench_text_tokens(llm, depth + n_gen + 8)
+        llm.eval(toks[:depth])
+        for t in toks[depth:depth + 8]:
+            llm.eval([t])  # warm-up: the decode graph is built
+        n_plans = llm.kv_stats().n_tailorings
+        t0 = time.perf_counter()
+        for t in toks[depth + 8:]:
+            llm.eval([t])
+        dt = time.perf_counter() - t0
+        rows.append(dict(cache=f"{policy} {attn}".strip(), depth=depth, decode=round(n_gen / dt, 1),
+                         ms_per_token=round(1000 * dt / n_gen, 2),
+                         plans_during=llm.kv_stats().n_tailorings - n_plans))
+        print(json.dumps(rows[-1]), flush=True)
+        llm.close()
+    arkv_llama.MemoryParams = MemoryParams
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m arkv_local.bench.gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("section", choices=("kit", "_one", *SECTIONS))
+    p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    p.add_argument("--depths", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--n-gen", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.section == "kit":
+        return make_kit()
+    if args.section == "_one":
+        return bench_one(args.spec)
+    import arkv_local  # noqa: F401  (binds llama_cpp to our library)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result: Any
+    if args.section == "env":
+        result = section_env()
+    elif args.section == "sched":
+        result = section_sched(out)
+    elif args.section == "exact":
+        result = section_exact()
+    elif args.section == "plan":
+        result = section_plan()
+    elif args.section == "reference":
+        result = section_reference()
+    elif args.section == "decode":
+        result = [r for d in args.depths for r in section_decode(d, args.n_gen)]
+    else:
+        result = section_bench(args.depths, args.n_gen)
+    (out / f"gpu_{args.section}.json").write_text(json.dumps(result, indent=1))
+    print(f"== {args.section} ({time.perf_counter() - t0:.0f} s)")
+    print(json.dumps(result, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+// Tri-state KV memory (ARKV): the graph side. The attention input (idxs of new rows, the shared mask,
+// rotations), the store of new K/V into O, the choice of attention path per layer and ubatch
+// (choose_attn_path), the paths themselves, heavy-hitter scores and ARKV's prefill statistics.
+
+#include "llama-kv-cache-arkv.h"
+#include "llama-arkv-attn-cpu.h"
+
+#include "llama-batch.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+// ggml ops used, all available on CPU, CUDA and Metal:
+//   set_rows (F32 -> F16 / Q4_0 / Q4_1 / Q8_0), get_rows (F16 / quant -> F32, I32 idxs),
+//   cast (F32 -> F16), concat (F16, F32), cont, mul_mat, soft_max_ext, sqr, sum_rows, sum, add, sub, mul,
+//   div, scale, scale_bias, log, clamp, cpy (F32)
+// and, for pools in host memory only, the two custom ops of the fused decode attention (llama-arkv-attn-cpu.h)
+
+static constexpr uint32_t ARKV_N_KV_PAD = 256; // rows read are padded: graphs can be reused, ggml-cuda's FA vector kernel needs it
+static constexpr int64_t ARKV_DECODE_MAX_TOKENS = 8; // larger ubatches amortize dequantizing into f16
+
+// a pool's padded row count for n rows in use
+static uint32_t arkv_pad_rows(uint32_t n, uint32_t cap) {
+    return std::min(cap, std::max(n, GGML_PAD(n, ARKV_N_KV_PAD)));
+}
+
+//
+// graph
+//
+
+bool llama_kv_cache_arkv::layout::operator==(const layout & other) const {
+    if (n_old != other.n_old || n_mask != other.n_mask || stats != other.stats || pools != other.pools ||
+        views.size() != other.views.size()) {
+        return false;
+    }
+    for (size_t i = 0; i < views.size(); ++i) {
+        const auto & a = views[i];
+        const auto & b = other.views[i];
+        if (a.n_lo != b.n_lo || a.n_o_pad != b.n_o_pad || a.start != b.start) {
+            return false;
+        }
+    }
+    return true;
+}
+
+// layer l reads [LO rows | O rows (old, then the ubatch's new ones, then padding)]. All layers share one
+// mask [n_mask, n_tokens]: columns < n_old are visible, then the new tokens (causal), then masked. Layer l
+// uses the window starting at start_l = n_old - (n_q_l + n_o_old_l); while tokens are appended, start_l
+// and the window width stay constant, so the graph can be reused.
+llama_kv_cache_arkv::layout llama_kv_cache_arkv::make_layout(uint32_t n_tokens, bool worst_case) const {
+    layout lay;
+    lay.pools = pools_generation;
+    lay.views.resize(layers.size());
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const auto & l = layers[i];
+        auto & v = lay.views[i];
+        v.n_lo     = worst_case ? l.cap_lo : l.n_lo;
+        v.n_lo_pad = arkv_pad_rows(v.n_lo, l.cap_lo);
+        v.n_o     = worst_case ? l.cap_o : l.n_o;
+        v.n_o_pad = worst_case ? l.cap_o : arkv_pad_rows(l.n_o, l.cap_o);
+        const uint32_t n_o_old = v.n_o >= n_tokens ? v.n_o - n_tokens : 0;
+        lay.n_old = std::max(lay.n_old, v.n_lo + n_o_old);
+        lay.n_lo_max   = std::max(lay.n_lo_max, v.n_lo);
+        lay.lo_pad_max = std::max(lay.lo_pad_max, v.n_lo_pad - v.n_lo);
+    }
+    for (size_t i = 0; i < layers.size(); ++i) {
+        auto & v = lay.views[i];
+        const uint32_t n_o_old = v.n_o >= n_tokens ? v.n_o - n_tokens : 0;
+        v.start = lay.n_old - (v.n_lo + n_o_old);
+        lay.n_mask = std::max(lay.n_mask, v.start + v.n_lo + v.n_o_pad);
+    }
+    return lay;
+}
+
+void llama_kv_cache_arkv::apply_ubatch(const llama_ubatch & ubatch) {
+    for (auto & l : layers) {
+        GGML_ASSERT(l.n_o + ubatch.n_tokens <= l.cap_o);
+        for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+            std::fill_n(l.pos_o.begin() + (size_t) (l.n_o + i)*n_head_kv_, n_head_kv_, ubatch.pos[i]);
+        }
+        l.n_o += ubatch.n_tokens;
+    }
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        pos_max = std::max(pos_max, ubatch.pos[i]);
+    }
+    n_scored += std::min(ubatch.n_tokens, params.n_score_queries);
+}
+
+ggml_tensor * llama_kv_cache_arkv::build_input_rot(ggml_context * ctx, int64_t n) const {
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n, n);
+    ggml_set_input(t);
+    ggml_set_name(t, "arkv_inp_rot");
+    return t;
+}
+
+// orthonormal Sylvester Walsh-Hadamard matrix, as llama.cpp's (the CPU/CUDA fast paths assume exactly it)
+void llama_kv_cache_arkv::set_input_rot(ggml_tensor * dst) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer));
+    const int n = dst->ne[0];
+    float * data = (float *) dst->data;
+    data[0] = 1.0f/sqrtf(n);
+    for (int s = 1; s < n; s *= 2) {
+        for (int i = 0; i < s; i++) {
+            for (int j = 0; j < s; j++) {
+                const float val = data[i*n + j];
+                data[(i + s)*n + j]       =  val;
+                data[i*n + (j + s)]       =  val;
+                data[(i + s)*n + (j + s)] = -val;
+            }
+        }
+    }
+}
+
+// per layer, the O rows the ubatch's tokens go to: I64 [n_tokens, n_layer]
+void llama_kv_cache_arkv::set_input_k_idxs(ggml_tensor * dst, const llama_ubatch * ubatch) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer));
+    int64_t * data = (int64_t *) dst->data;
+    const uint32_t n = ubatch->n_tokens;
+    for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const uint32_t first = layers[ikv].n_o - n; // apply() already counted them
+        for (uint32_t i = 0; i < n; ++i) {
+            data[ikv*n + i] = first + i;
+        }
+    }
+}
+
+void llama_kv_cache_arkv::set_input_kq_mask(ggml_tensor * dst, const llama_ubatch * ubatch, const layout & lay) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer));
+    const uint32_t n = ubatch->n_tokens;
+    const int64_t n_mask = dst->ne[0];
+    GGML_ASSERT(n_mask == lay.n_mask && dst->ne[1] == n);
+    std::vector<float> row(n_mask);
+    for (uint32_t t = 0; t < n; ++t) {
+        for (int64_t j = 0; j < n_mask; ++j) {
+            float v = -INFINITY;
+            if (j < lay.n_old) {
+                v = 0.0f;
+            } else if (j < lay.n_old + n) {
+                v = ubatch->pos[j - lay.n_old] <= ubatch->pos[t] ? 0.0f : -INFINITY;
+            }
+            row[j] = v;
+        }
+        if (dst->type == GGML_TYPE_F16) {
+            ggml_fp32_to_fp16_row(row.data(), (ggml_fp16_t *) dst->data + t*n_mask, n_mask);
+        } else {
+            memcpy((float *) dst->data + t*n_mask, row.data(), n_mask*sizeof(float));
+        }
+    }
+}
+
+// the LO rows' mask of the segments path: F16 [n_lo_max + lo_pad_max, n_tokens]; layer l reads the window
+// starting at n_lo_max - n_q_l: its n_q_l rows visible (all older than the ubatch), its padding hidden
+void llama_kv_cache_arkv::set_input_q_mask(ggml_tensor * dst, const layout & lay) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer) && dst->type == GGML_TYPE_F16);
+    GGML_ASSERT(dst->ne[0] == (int64_t) lay.n_lo_max + lay.lo_pad_max);
+    std::vector<ggml_fp16_t> row(dst->ne[0]);
+    for (int64_t j = 0; j < dst->ne[0]; ++j) {
+        row[j] = ggml_fp32_to_fp16(j < lay.n_lo_max ? 0.0f : -INFINITY);
+    }
+    for (int64_t t = 0; t < dst->ne[1]; ++t) {
+        memcpy((ggml_fp16_t *) dst->data + t*dst->ne[0], row.data(), row.size()*sizeof(ggml_fp16_t));
+    }
+}
+
+// ARKV's prefill statistics of one layer, from p [n_kv, n_sel, n_head] (the observation window's
+// attention) restricted to the n_nw keys before the window, which lead every layer's key order:
+// entropy -sum p log(p + 1e-10); variance sum over heads and keys of the variance over queries;
+// kurtosis sum over heads and keys of m4 / max(m2, eps)^2 (Pearson, moments over queries)
+void llama_kv_cache_arkv::build_stats(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, ggml_tensor * p,
+                                      int64_t n_nw) const {
+    if (n_nw <= 0) {
+        return;
+    }
+    const int64_t n_sel  = p->ne[1];
+    const int64_t n_head = p->ne[2];
+    ggml_tensor * pw = ggml_cont(ctx0, ggml_view_3d(ctx0, p, n_nw, n_sel, n_head, p->nb[1], p->nb[2], 0));
+    ggml_tensor * ent = ggml_scale(ctx0, ggml_sum(ctx0, ggml_mul(ctx0, pw, ggml_log(ctx0, ggml_scale_bias(ctx0, pw, 1.0f, 1e-10f)))), -1.0f);
+
+    ggml_tensor * pt   = ggml_cont(ctx0, ggml_permute(ctx0, pw, 1, 0, 2, 3));       // [n_sel, n_nw, n_head]
+    ggml_tensor * mean = ggml_scale(ctx0, ggml_sum_rows(ctx0, pt), 1.0f/n_sel);     // [1, n_nw, n_head]
+    ggml_tensor * d2   = ggml_sqr(ctx0, ggml_sub(ctx0, pt, mean));
+    ggml_tensor * m2   = ggml_scale(ctx0, ggml_sum_rows(ctx0, d2), 1.0f/n_sel);
+    ggml_tensor * m4   = ggml_scale(ctx0, ggml_sum_rows(ctx0, ggml_sqr(ctx0, d2)), 1.0f/n_sel);
+    ggml_tensor * var  = ggml_sum(ctx0, m2);
+    ggml_tensor * kur  = ggml_sum(ctx0, ggml_div(ctx0, m4, ggml_sqr(ctx0, ggml_clamp(ctx0, m2, 1e-15f, INFINITY))));
+
+    ggml_tensor * st = ggml_concat(ctx0, ggml_concat(ctx0, ent, var, 0), kur, 0);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, st, l.stats));
+}
+
+// which attention a layer builds for a ubatch
+llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_graph_context & gctx, const layer & l,
+                                                                     const view & v, int64_t n_tokens, bool stats) const {
+    if (v.n_lo == 0) {
+        return ATTN_STOCK; // only O rows: llama.cpp's attention, bit-exact with the stock cache
+    }
+    if (n_tokens > ARKV_DECODE_MAX_TOKENS || stats || gctx.hparams.attn_soft_cap || params.attn == LLAMA_ARKV_ATTN_DEQUANT) {
+        return ATTN_DEQUANT; // prefill amortizes dequantizing over many queries; statistics need the full softmax
+    }
+    if (params.attn == LLAMA_ARKV_ATTN_AUTO && llama_arkv_attn_cpu_available() && ggml_backend_buffer_is_host(l.k_arena->buffer)) {
+        return ATTN_FUSED_CPU;
+    }
+    return ATTN_SEGMENTS;
+}
+
+// store the ubatch's K/V into the O pool; returns the set_rows results (the pools, with a graph edge)
+void llama_kv_cache_arkv::build_store(ggml_context * ctx0, ggml_cgraph * gf, const llm_graph_input_attn_kv_arkv * inp,
+                                      const layer & l, uint32_t ikv, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                      ggml_tensor ** k_o, ggml_tensor ** v_o) const {
+    const int64_t n_tokens = k_cur->ne[2];
+    ggml_tensor * idxs = ggml_view_1d(ctx0, inp->self_k_idxs, n_tokens, ikv*n_tokens*ggml_element_size(inp->self_k_idxs));
+    for (int i = 0; i < 2; ++i) {
+        ggml_tensor * cur = i == 0 ? k_cur : v_cur;
+        GGML_ASSERT(ggml_row_size(cur->type, head_dim_) == cur->nb[1]);
+        ggml_tensor * rows = ggml_view_2d(ctx0, cur, (int64_t) head_dim_*n_head_kv_, n_tokens, cur->nb[2], 0);
+        ggml_tensor * stored = ggml_set_rows(ctx0, i == 0 ? l.k_o : l.v_o, rows, idxs);
+        ggml_build_forward_expand(gf, stored);
+        *(i == 0 ? k_o : v_o) = stored;
+    }
+}
+
+// n rows of a pool (or of the set_rows result that wrote it) as [D, n, H]: the layout attention reads
+ggml_tensor * llama_kv_cache_arkv::pool_heads(ggml_context * ctx0, ggml_tensor * pool, int64_t n) const {
+    ggml_tensor * t = ggml_view_3d(ctx0, pool, head_dim_, n_head_kv_, n, ggml_row_size(pool->type, head_dim_), pool->nb[1], 0);
+    return ggml_permute(ctx0, t, 0, 2, 1, 3);
+}
+
+// [LO rows dequantized to f16 | O rows] as [D, H, n_kv], for llama.cpp's attention
+ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const llm_graph_input_attn_kv_arkv * inp,
+                                                      const view & v, ggml_tensor * pool_o, ggml_tensor * pool_q) const {
+    const int64_t D = head_dim_;
+    const int64_t H = n_head_kv_;
+    if (v.n_lo == 0) {
+        return ggml_view_3d(ctx0, pool_o, D, H, v.n_o_pad, ggml_row_size(pool_o->type, D), pool_o->nb[1], 0);
+    }
+    ggml_tensor * o = ggml_view_2d(ctx0, pool_o, D*H, v.n_o_pad, pool_o->nb[1], 0);
+    ggml_tensor * q_rows = ggml_view_2d(ctx0, pool_q, D*H, v.n_lo, pool_q->nb[1], 0);
+    ggml_tensor * ar = ggml_view_1d(ctx0, inp->lo_arange, v.n_lo, 0);
+    ggml_tensor * deq = ggml_cast(ctx0, ggml_get_rows(ctx0, q_rows, ar), GGML_TYPE_F16);
+    return ggml_reshape_3d(ctx0, ggml_concat(ctx0, deq, o, 1), D, H, v.n_lo + v.n_o_pad);
+}
+
+// attention probabilities of the last n_sel queries over [LO rows | O rows]: F32 [n_kv, n_sel, n_head]
+ggml_tensor * llama_kv_cache_arkv::build_probs(ggml_context * ctx0, ggml_tensor * q_cur, ggml_tensor * k_lo, ggml_tensor * k_o,
+                                               ggml_tensor * mask, float kq_scale, int64_t n_sel) const {
+    const int64_t n_tokens = q_cur->ne[2];
+    ggml_tensor * q = ggml_view_3d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], n_sel, q_cur->nb[1], q_cur->nb[2],
+                                   (n_tokens - n_sel)*q_cur->nb[2]);
+    q = ggml_permute(ctx0, q, 0, 2, 1, 3);                                  // [D, n_sel, n_head]
+    ggml_tensor * kq = ggml_mul_mat(ctx0, k_o, q);                          // [n_o, n_sel, n_head]
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    if (k_lo) {
+        ggml_tensor * kq_lo = ggml_mul_mat(ctx0, k_lo, q);                    // read where they lie, no f16 copy
+        ggml_prec_set_acc(kq_lo, GGML_PREC_F32);
+        kq = ggml_concat(ctx0, kq_lo, kq, 0);
+    }
+    // the last n_sel rows of a contiguous mask are contiguous
+    ggml_tensor * m_sel = ggml_view_2d(ctx0, mask, mask->ne[0], n_sel, mask->nb[1], (n_tokens - n_sel)*mask->nb[1]);
+    return ggml_soft_max_ext(ctx0, kq, m_sel, kq_scale, 0.0f);
+}
+
+// heavy-hitter statistics: p [n_kv, n_sel, n_head] summed over the queries and the GQA group into the accumulators
+void llama_kv_cache_arkv::build_scores(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, const view & v,
+                                       ggml_tensor * p) const {
+    const int64_t H = n_head_kv_;
+    const int64_t n_kv  = p->ne[0];
+    const int64_t n_sel = p->ne[1];
+    const int64_t G = p->ne[2]/H;
+    if (!ggml_is_contiguous(p)) {
+        p = ggml_cont(ctx0, p);
+    }
+    p = ggml_reshape_4d(ctx0, p, n_kv, n_sel, G, H);
+    p = ggml_cont(ctx0, ggml_permute(ctx0, p, 3, 0, 1, 2));                 // [n_sel, G, H, n_kv]
+    p = ggml_reshape_3d(ctx0, p, n_sel*G, H, n_kv);
+    ggml_tensor * s1 = ggml_reshape_2d(ctx0, ggml_sum_rows(ctx0, p), H, n_kv);
+    ggml_tensor * s2 = ggml_reshape_2d(ctx0, ggml_sum_rows(ctx0, ggml_sqr(ctx0, p)), H, n_kv);
+    auto accumulate = [&](ggml_tensor * acc, ggml_tensor * s, size_t plane, int64_t col0, int64_t n) {
+        if (n == 0) {
+            return;
+        }
+        ggml_tensor * dst = ggml_view_2d(ctx0, acc, H, n, acc->nb[1], plane*acc->nb[2]);
+        ggml_tensor * add = ggml_view_2d(ctx0, s, H, n, s->nb[1], col0*s->nb[1]);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_add(ctx0, dst, add), dst));
+    };
+    accumulate(l.acc_lo, s1, 0, 0, v.n_lo);
+    accumulate(l.acc_lo, s2, 1, 0, v.n_lo);
+    accumulate(l.acc_o, s1, 0, v.n_lo, v.n_o_pad);
+    accumulate(l.acc_o, s2, 1, v.n_lo, v.n_o_pad);
+}
+
+// two flash attentions, over the LO rows as they lie (ggml-cuda's and Metal's vector kernels read q4_0) and
+// over the O rows, merged exactly with the softmax mass w_lo of the LO rows, which the logits give:
+// out = (Z_o out_o + Z_q out_lo) / (Z_o + Z_q) = out_o + w_lo (out_lo - out_o). The same probabilities feed the
+// heavy-hitter scores, so the scores cost no second read of dequantized rows. Returns F32 [D*n_head, n_tokens].
+ggml_tensor * llama_kv_cache_arkv::build_attn_segments(ggml_context * ctx0, ggml_cgraph * gf, const llm_graph_input_attn_kv_arkv * inp,
+                                                       const layer & l, const view & v, ggml_tensor * q_cur,
+                                                       ggml_tensor * k_o, ggml_tensor * v_o, ggml_tensor * mask,
+                                                       float kq_scale, int64_t n_sel) const {
+    const int64_t n_tokens = q_cur->ne[2];
+    const int64_t n_head   = q_cur->ne[1];
+
+    // softmax over [LO rows | O rows] for every query of the (small) ubatch: w_lo and the scores
+    ggml_tensor * p = build_probs(ctx0, q_cur, pool_heads(ctx0, l.k_lo, v.n_lo), pool_heads(ctx0, k_o, v.n_o_pad),
+                                  mask, kq_scale, n_tokens);                // [n_kv, n_tokens, n_head]
+    ggml_tensor * p_lo = ggml_view_3d(ctx0, p, v.n_lo, n_tokens, n_head, p->nb[1], p->nb[2], 0);
+    ggml_tensor * w_lo = ggml_sum_rows(ctx0, p_lo);                            // [1, n_tokens, n_head]
+    w_lo = ggml_cont(ctx0, ggml_permute(ctx0, w_lo, 0, 2, 1, 3));             // [1, n_head, n_tokens]
+    if (n_sel > 0) {
+        build_scores(ctx0, gf, l, v, ggml_view_3d(ctx0, p, p->ne[0], n_sel, n_head, p->nb[1], p->nb[2],
+                                                  (n_tokens - n_sel)*p->nb[1]));
+    }
+
+    // masks: every LO row is older than the ubatch (all visible), padding rows hidden; O rows as the layer's window
+    ggml_tensor * m_lo = ggml_view_2d(ctx0, inp->lo_mask, v.n_lo_pad, n_tokens, inp->lo_mask->nb[1],
+                                     (inp->lay.n_lo_max - v.n_lo)*ggml_element_size(inp->lo_mask));
+    ggml_tensor * m_o = ggml_view_2d(ctx0, mask, v.n_o_pad, n_tokens, mask->nb[1], v.n_lo*ggml_element_size(mask));
+    m_lo = ggml_cont(ctx0, m_lo);
+    m_o = mask->type == GGML_TYPE_F16 ? ggml_cont(ctx0, m_o) : ggml_cast(ctx0, m_o, GGML_TYPE_F16);
+
+    ggml_tensor * q = ggml_permute(ctx0, q_cur, 0, 2, 1, 3);                // [D, n_tokens, n_head]
+    auto fa = [&](ggml_tensor * k, ggml_tensor * vv, ggml_tensor * m) {
+        ggml_tensor * out = ggml_flash_attn_ext(ctx0, q, k, vv, m, kq_scale, 0.0f, 0.0f);
+        ggml_prec_set_acc(out, GGML_PREC_F32);
+        return out;                                                          // [D, n_head, n_tokens]
+    };
+    ggml_tensor * out_lo = fa(pool_heads(ctx0, l.k_lo, v.n_lo_pad), pool_heads(ctx0, l.v_lo, v.n_lo_pad), m_lo);
+    ggml_tensor * out_o = fa(pool_heads(ctx0, k_o, v.n_o_pad), pool_heads(ctx0, v_o, v.n_o_pad), m_o);
+    ggml_tensor * out = ggml_add(ctx0, out_o, ggml_mul(ctx0, ggml_sub(ctx0, out_lo, out_o), w_lo));
+    return ggml_reshape_2d(ctx0, out, out->ne[0]*n_head, n_tokens);
+}
+
+ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_input_attn_kv_arkv * inp,
+                                            ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale,
+                                            int il, ggml_tensor ** k_out, ggml_tensor ** v_out) const {
+    ggml_context * ctx0 = gctx.ctx0;
+    ggml_cgraph  * gf   = gctx.gf;
+
+    const int32_t ikv = map_layer_ids[il];
+    GGML_ASSERT(ikv >= 0);
+    const auto & l = layers[ikv];
+    const auto & v = inp->lay.views[ikv];
+    const int64_t n_tokens = q_cur->ne[2];
+    const int64_t n_kv  = v.n_lo + v.n_o_pad;
+    const int64_t n_sel = std::min<int64_t>(n_tokens, params.n_score_queries);
+
+    ggml_tensor * k_o;
+    ggml_tensor * v_o;
+    build_store(ctx0, gf, inp, l, ikv, k_cur, v_cur, &k_o, &v_o);
+
+    const attn_path path = choose_attn_path(gctx, l, v, n_tokens, inp->lay.stats);
+    if (path == ATTN_FUSED_CPU) {
+        llama_arkv_attn_params & ap = inp->attn[ikv];
+        ap.scale   = kq_scale;
+        ap.n_head  = q_cur->ne[1];
+        ap.n_lo    = v.n_lo;
+        ap.n_o     = v.n_o_pad;
+        ap.start   = v.start;
+        ap.n_sel   = n_sel;
+        ap.n_chunk = std::clamp<int32_t>(n_kv/64, 1, 64);
+        return llama_arkv_attn_cpu(ctx0, q_cur, l.k_lo, l.v_lo, k_o, v_o, inp->self_kq_mask,
+                                   n_sel ? l.acc_lo : nullptr, n_sel ? l.acc_o : nullptr, &ap);
+    }
+
+    // this layer's window of the shared mask (the mask ops need it contiguous)
+    ggml_tensor * mask = inp->self_kq_mask;
+    if (v.start != 0 || n_kv != mask->ne[0]) {
+        mask = ggml_cont(ctx0, ggml_view_2d(ctx0, mask, n_kv, n_tokens, mask->nb[1], v.start*ggml_element_size(mask)));
+    }
+
+    if (path == ATTN_SEGMENTS) {
+        return build_attn_segments(ctx0, gf, inp, l, v, q_cur, k_o, v_o, mask, kq_scale, n_sel);
+    }
+
+    // ATTN_STOCK / ATTN_DEQUANT: llama.cpp's attention over f16 K/V
+    ggml_tensor * k = build_read_dequant(ctx0, inp, v, k_o, l.k_lo);
+    ggml_tensor * vv = build_read_dequant(ctx0, inp, v, v_o, l.v_lo);
+    inp->self_kq_mask_cnv = mask; // read by build_attn right after this hook, for this layer
+
+    if (n_sel > 0) {
+        ggml_tensor * p = build_probs(ctx0, q_cur, nullptr, ggml_permute(ctx0, k, 0, 2, 1, 3), mask, kq_scale, n_sel);
+        if (inp->lay.stats) {
+            build_stats(ctx0, gf, l, p, v.n_lo + v.n_o - n_tokens + (n_tokens - n_sel));
+        }
+        build_scores(ctx0, gf, l, v, p);
+    }
+
+    *k_out = k;
+    *v_out = vv;
+    return nullptr;
+}
+
+//
+// graph input
+//
+
+void llm_graph_input_attn_kv_arkv::set_input(const llama_ubatch * ubatch) {
+    const auto * kv = mctx_arkv->get_kv();
+    kv->set_input_k_idxs(self_k_idxs, ubatch);
+    kv->set_input_kq_mask(self_kq_mask, ubatch, lay);
+    if (lo_mask && lo_mask->buffer) {
+        kv->set_input_q_mask(lo_mask, lay);
+    }
+    if (lo_arange && lo_arange->buffer) {
+        int32_t * data = (int32_t *) lo_arange->data;
+        GGML_ASSERT(ggml_backend_buffer_is_host(lo_arange->buffer));
+        for (int64_t i = 0; i < lo_arange->ne[0]; ++i) {
+            data[i] = i;
+        }
+    }
+    for (ggml_tensor * rot : { self_k_rot, self_v_rot }) {
+        if (rot && rot->buffer) {
+            kv->set_input_rot(rot);
+        }
+    }
+}
+
+bool llm_graph_input_attn_kv_arkv::can_reuse(const llm_graph_params & params) {
+    const auto * m = dynamic_cast<const llama_kv_cache_arkv_context *>(params.mctx);
+    if (!m || m->get_kv() != mctx_arkv->get_kv()) {
+        return false;
+    }
+    mctx_arkv = m;
+    return self_k_idxs->ne[0] == (int64_t) params.ubatch.n_tokens*(int64_t) m->get_kv()->n_layer() &&
+           self_kq_mask->ne[1] == params.ubatch.n_tokens && m->get_layout() == lay;
+}
+
+//
+// hooks
+//
+
+llm_graph_input_attn_kv * llama_arkv_build_attn_inp(const llm_graph_context & gctx) {
+    const auto * mctx = dynamic_cast<const llama_kv_cache_arkv_context *>(gctx.mctx);
+    if (!mctx) {
+        return nullptr;
+    }
+    const auto * kv = mctx->get_kv();
+    ggml_context * ctx0 = gctx.ctx0;
+    const int64_t n_tokens = gctx.ubatch.n_tokens;
+
+    auto inp = std::make_unique<llm_graph_input_attn_kv_arkv>(gctx.hparams, gctx.cparams, mctx);
+    inp->lay = mctx->get_layout();
+    inp->attn.resize(kv->n_layer()); // never resized again: the fused ops point into it
+
+    inp->self_k_idxs = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, n_tokens*kv->n_layer());
+    ggml_set_input(inp->self_k_idxs);
+    ggml_set_name(inp->self_k_idxs, "arkv_inp_k_idxs");
+
+    if (inp->lay.n_lo_max > 0) {
+        inp->lo_arange = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, inp->lay.n_lo_max);
+        ggml_set_input(inp->lo_arange);
+        ggml_set_name(inp->lo_arange, "arkv_inp_lo_rows");
+        if (n_tokens <= ARKV_DECODE_MAX_TOKENS) {
+            inp->lo_mask = ggml_new_tensor_2d(ctx0, GGML_TYPE_F16, inp->lay.n_lo_max + inp->lay.lo_pad_max, n_tokens);
+            ggml_set_input(inp->lo_mask);
+            ggml_set_name(inp->lo_mask, "arkv_inp_q_mask");
+        }
+    }
+
+    // flash attention requires an f16 mask
+    inp->self_kq_mask = ggml_new_tensor_2d(ctx0, gctx.cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32,
+                                           inp->lay.n_mask, n_tokens);
+    ggml_set_input(inp->self_kq_mask);
+    ggml_set_name(inp->self_kq_mask, "arkv_inp_kq_mask");
+    inp->self_kq_mask_cnv = inp->self_kq_mask;
+
+    if (kv->rotate_k()) {
+        int64_t nrot = 64;
+        while (kv->head_dim() % (2*nrot) == 0) {
+            nrot *= 2;
+        }
+        inp->self_k_rot = kv->build_input_rot(ctx0, nrot);
+    }
+    if (kv->rotate_v()) {
+        inp->self_v_rot = kv->build_input_rot(ctx0, 64);
+    }
+
+    return (llm_graph_input_attn_kv *) gctx.res->add_input(std::move(inp));
+}
+
+ggml_tensor * llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph_input_attn_kv * inp,
+                                       ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                       float kq_scale, int il, ggml_tensor ** k, ggml_tensor ** v) {
+    auto * ia = static_cast<llm_graph_input_attn_kv_arkv *>(inp);
+    return ia->mctx_arkv->get_kv()->build_kv(const_cast<llm_graph_context &>(gctx), ia, q_cur, k_cur, v_cur, kq_scale, il, k, v);
+}
+
+uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem) {
+    const auto * kv = dynamic_cast<const llama_kv_cache_arkv *>(mem);
+    return kv ? 96*kv->n_layer() : 0; // store, dequant + concat, mask window, scores, statistics: ~75 per layer
+}

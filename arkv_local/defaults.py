@@ -1,0 +1,15 @@
+"""The knobs' defaults, in one place: Llama, MemoryParams and the policies read them here.
+
+(llama_arkv_default_params in the C API mirrors the memory's; a test keeps them equal.)
+"""
+
+from __future__ import annotations
+
+WINDOW = 32       # newest tokens always kept in f16, never scored
+SINKS = 4         # first tokens always kept in f16: StreamingLLM's attention sinks
+SLACK = 64        # O slots a tailoring frees for new tokens, so that it does not run per token
+QUANT = "q4_0"    # type of the 4-bit (Q) state
+ROTATE = True     # Walsh-Hadamard rotation of cached K/V, as llama.cpp's quantized caches
+OBSERVE = 32      # last queries of each ubatch whose attention is scored (ARKV's window)
+N_O_INIT = 0      # O slots per layer at creation; 0: the whole budget in f16
+ATTN = "auto"     # decode attention path (memory.ATTN_PATHS)

@@ -1,0 +1,93 @@
+"""What a policy sees and returns, and the budget's arithmetic: numpy only, no native library,
+so that a policy can be written and tested without the built llama.cpp."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Q_ALIGN = 64  # bytes: in each arena the Q pool starts at this alignment after the O pool
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """One layer as a policy sees it; arrays are (slots in use, n_head_kv)."""
+
+    pos_o: np.ndarray   # positions in the O slots
+    pos_q: np.ndarray   # positions in the Q slots
+    mass_o: np.ndarray  # attention mass per slot since the last plan (summed over queries
+    mass_sq_o: np.ndarray  # and over the GQA group), and squared mass
+    mass_q: np.ndarray
+    mass_sq_q: np.ndarray
+
+
+@dataclass(frozen=True)
+class KVView:
+    """What the memory holds now, for a policy to decide on."""
+
+    layers: list[LayerView]
+    n_queries: int           # queries accumulated since the last plan
+    group: int               # query heads per KV head (GQA)
+    stats: np.ndarray | None  # (n_layer, 3): entropy, variance, kurtosis of the first prefill
+    pos_max: int             # newest position
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's next layout. Row i of o_src (n_o, n_head_kv) names, per head, the current O
+    slot that new O slot i takes; q_src (n_q, n_head_kv) the current slot of new Q slot i, in O
+    where q_from_o is True (quantized now), else in Q (moved as is)."""
+
+    cap_o: int
+    o_src: np.ndarray
+    q_src: np.ndarray
+    q_from_o: np.ndarray
+
+    @property
+    def free_o(self) -> int:
+        """O slots left for new tokens once the plan is applied."""
+        return self.cap_o - len(self.o_src)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One layer's K+V bytes and what a slot (K and V, all KV heads) costs in O and in Q.
+
+    The memory splits the bytes into two arenas, K and V, each holding the O pool then, from
+    the next `align`-byte boundary, the Q pool: cap_q(cap_o) is the Q room a layout leaves,
+    as the C++ memory computes it (llama_kv_cache_arkv::cap_q_for)."""
+
+    layer_bytes: int
+    slot_o: int
+    slot_q: int
+    align: int = Q_ALIGN
+
+    @property
+    def cap_o_max(self) -> int:
+        """O slots when the whole budget is f16."""
+        return self.layer_bytes // self.slot_o
+
+    def cap_q(self, cap_o: int) -> int:
+        """Q slots left in each arena after an O pool of cap_o slots."""
+        arena = self.layer_bytes // 2
+        off = (cap_o * (self.slot_o // 2) + self.align - 1) // self.align * self.align
+        return 0 if off >= arena else 2 * (arena - off) // self.slot_q  # a Q row: slot_q / 2
+
+
+def array_to_data(a: np.ndarray) -> dict[str, Any]:
+    """An array as JSON-able data, bit for bit (NaN included)."""
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape),
+            "data": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def array_from_data(d: dict[str, Any]) -> np.ndarray:
+    """The array array_to_data wrote; numeric dtypes only (never objects)."""
+    dtype = np.dtype(d["dtype"])
+    if dtype.kind not in "biuf":
+        raise ValueError(f"not a numeric array type: {d['dtype']!r}")
+    raw = base64.b64decode(d["data"], validate=True)
+    return np.frombuffer(raw, dtype).reshape(d["shape"]).copy()

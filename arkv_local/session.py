@@ -1,0 +1,80 @@
+"""One sequence's Python side of a KV policy, and its snapshot as plain data.
+
+llama.cpp's state holds the cache; what the policy decides with (prefill statistics, per-layer
+O shares, its own memory, whether it still measures) and the counters live here, so that
+save_state/load_state, the prompt caches and arkv-chat's /save carry both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .policies import Policy
+from .policies.types import array_from_data, array_to_data
+
+FORMAT = "arkv_local.session"
+VERSION = 1
+
+
+@dataclass
+class Session:
+    """The policy of one sequence and what it learnt; snapshot() / restore() as JSON-able data."""
+
+    policy: Policy
+    n_layer: int
+    stats: np.ndarray | None = field(default=None, init=False)  # (n_layer, 3), once measured
+    ratios: np.ndarray = field(init=False)  # per layer, the O share of the last plan
+    measuring: bool = field(init=False)     # the first prompt's statistics are still to come
+    room: int | None = field(default=None, init=False)  # free O slots once a plan is applied
+    n_tailorings: int = field(default=0, init=False)
+    tailoring_seconds: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.start_sequence()
+
+    def start_sequence(self) -> None:
+        """A new sequence: the policy forgets, the statistics are measured again."""
+        self.policy.reset()
+        self.stats = None
+        self.ratios = np.ones(self.n_layer)
+        self.measuring = self.policy.needs_stats
+        self.room = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything above as plain data (json.dumps-able; arrays bit for bit)."""
+        return {
+            "format": FORMAT, "version": VERSION, "policy": self.policy.name,
+            "n_layer": self.n_layer,
+            "stats": None if self.stats is None else array_to_data(self.stats),
+            "ratios": array_to_data(self.ratios), "measuring": self.measuring,
+            "room": self.room, "n_tailorings": self.n_tailorings,
+            "tailoring_seconds": self.tailoring_seconds,
+            "policy_state": self.policy.snapshot(),
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Take back a snapshot of this policy and model; ValueError before any change."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("not a snapshot of an arkv_local session")
+        if data.get("version") != VERSION:
+            raise ValueError(f"session snapshot version {data.get('version')!r}: this "
+                             f"arkv_local reads version {VERSION}")
+        if data["policy"] != self.policy.name or data["n_layer"] != self.n_layer:
+            raise ValueError(
+                f"the state was saved under kv_policy {data['policy']!r} with {data['n_layer']} "
+                f"layers, not kv_policy {self.policy.name!r} with {self.n_layer}")
+        stats = None if data["stats"] is None else array_from_data(data["stats"])
+        ratios = array_from_data(data["ratios"])
+        if ratios.shape != (self.n_layer,) or (stats is not None and
+                                               stats.shape != (self.n_layer, 3)):
+            raise ValueError("the session snapshot's arrays do not match the model's layers")
+        room = data["room"]
+        counters = int(data["n_tailorings"]), float(data["tailoring_seconds"])
+        measuring = bool(data["measuring"])
+        self.policy.restore(data["policy_state"])  # raises before it changes anything
+        self.stats, self.ratios, self.measuring = stats, ratios, measuring
+        self.room = None if room is None else int(room)
+        self.n_tailorings, self.tailoring_seconds = counters

@@ -1,0 +1,29 @@
+"""The installed wheel holds arkv_local and nothing else: llama.cpp's own install rules (lib/,
+include/, lib/cmake/, lib/pkgconfig/) would land at the top of site-packages, where
+llama-cpp-python's own build writes the same paths, and one uninstall would delete the other's."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+
+import pytest
+
+
+def wheel_files() -> list[str]:
+    """The files pip installed from arkv_local's wheel (its RECORD), as written there."""
+    try:
+        dist = importlib.metadata.distribution("arkv_local")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("arkv_local is not installed (make install)")
+    return [str(f) for f in dist.files or []]
+
+
+def test_the_installed_wheel_holds_only_the_package() -> None:
+    files = wheel_files()
+    allowed = re.compile(r"arkv_local/|arkv_local-[^/]+\.dist-info/|(\.\./)+bin/arkv-chat$")
+    assert [f for f in files if not allowed.match(f)] == []
+    libs = {f.rsplit("/", 1)[1] for f in files if f.startswith("arkv_local/lib/")}
+    assert {"libllama.so", "libggml.so", "libggml-base.so"} <= libs or \
+        {"libllama.dylib", "libggml.dylib"} <= libs or {"llama.dll", "ggml.dll"} <= libs
+    assert not any(f.startswith("arkv_local/csrc/") for f in files)  # sources stay out
