@@ -285,7 +285,7 @@ def run_plan(path: Path, attn: str, counts: list[tuple[int, int]], cap_o: int, s
 
 
 def cache_rows(llm: llama_cpp.Llama, mem: TriStateKV) -> list[dict[str, np.ndarray]]:
-    """Per layer, the rows in use as the sequence state holds them (ARKV state version 1):
+    """Per layer, the rows in use as the sequence state holds them (ARKV state version 2):
     pos_o/pos_q (n, H) positions, k_o/v_o (n, H, D) f16, k_q/v_q (n, H, D/32, 18) Q4_0 blocks."""
     size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
     buf = (ctypes.c_uint8 * size)()
@@ -299,10 +299,11 @@ def cache_rows(llm: llama_cpp.Llama, mem: TriStateKV) -> list[dict[str, np.ndarr
         return a
 
     magic, version, n_layer, n_kv, d, _ = take(np.uint32, 6)
-    assert (magic, version) == (0x564B5241, 1), "not the ARKV state format this test reads"
+    assert (magic, version) == (0x564B5241, 2), "not the ARKV state format this test reads"
     assert (n_layer, n_kv, d) == (mem.n_layer, mem.n_head_kv, mem.head_dim)
     take(np.uint64, 1)  # arena bytes
     take(np.int32, 2)  # pos_max, pos_planned_max
+    take(np.uint32, 1)  # queries scored since the last plan
     layers = []
     for _ in range(n_layer):
         _, n_o, n_q = take(np.uint32, 3)
@@ -310,6 +311,9 @@ def cache_rows(llm: llama_cpp.Llama, mem: TriStateKV) -> list[dict[str, np.ndarr
         rows["k_o"], rows["v_o"] = take(np.float16, n_o, n_kv, d), take(np.float16, n_o, n_kv, d)
         rows["k_q"] = take(np.uint8, n_q, n_kv, d // 32, 18)
         rows["v_q"] = take(np.uint8, n_q, n_kv, d // 32, 18)
+        for _ in range(2):  # score sums of O and Q rows, then squared sums
+            take(np.float32, n_o, n_kv)
+            take(np.float32, n_q, n_kv)
         layers.append(rows)
     assert off == len(data)
     return layers

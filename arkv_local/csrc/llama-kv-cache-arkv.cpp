@@ -474,7 +474,31 @@ bool llama_kv_cache_arkv::get_stats(float * out) const {
 //
 
 static constexpr uint32_t ARKV_STATE_MAGIC   = 0x564b5241; // "ARKV"
-static constexpr uint32_t ARKV_STATE_VERSION = 1;
+static constexpr uint32_t ARKV_STATE_VERSION = 2; // 2: with the score accumulators
+
+// one layer: its layout, positions, rows and the scores since the last plan (the next plan decides with them)
+void llama_kv_cache_arkv::state_write_layer(llama_io_write_i & io, const layer & l) const {
+    const uint32_t counts[] = { l.cap_o, l.n_o, l.n_lo };
+    io.write(counts, sizeof(counts));
+    io.write(l.pos_o.data(), (size_t) l.n_o*n_head_kv_*sizeof(llama_pos));
+    io.write(l.pos_lo.data(), (size_t) l.n_lo*n_head_kv_*sizeof(llama_pos));
+    if (l.n_o > 0) {
+        io.write_tensor(l.k_o, 0, (size_t) l.n_o*row_bytes_o());
+        io.write_tensor(l.v_o, 0, (size_t) l.n_o*row_bytes_o());
+    }
+    if (l.n_lo > 0) {
+        io.write_tensor(l.k_lo, 0, (size_t) l.n_lo*row_bytes_lo());
+        io.write_tensor(l.v_lo, 0, (size_t) l.n_lo*row_bytes_lo());
+    }
+    for (int plane = 0; plane < 2; ++plane) {
+        if (l.n_o > 0) {
+            io.write_tensor(l.acc_o, plane*l.acc_o->nb[2], (size_t) l.n_o*l.acc_o->nb[1]);
+        }
+        if (l.n_lo > 0) {
+            io.write_tensor(l.acc_lo, plane*l.acc_lo->nb[2], (size_t) l.n_lo*l.acc_lo->nb[1]);
+        }
+    }
+}
 
 void llama_kv_cache_arkv::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
     GGML_UNUSED(flags);
@@ -485,18 +509,41 @@ void llama_kv_cache_arkv::state_write(llama_io_write_i & io, llama_seq_id seq_id
     io.write(&arena, sizeof(arena));
     const llama_pos p[] = { pos_max, pos_planned_max };
     io.write(p, sizeof(p));
+    io.write(&n_scored, sizeof(n_scored));
     for (const auto & l : layers) {
-        const uint32_t counts[] = { l.cap_o, l.n_o, l.n_lo };
-        io.write(counts, sizeof(counts));
-        io.write(l.pos_o.data(), (size_t) l.n_o*n_head_kv_*sizeof(llama_pos));
-        io.write(l.pos_lo.data(), (size_t) l.n_lo*n_head_kv_*sizeof(llama_pos));
+        state_write_layer(io, l);
+    }
+}
+
+// one layer, as state_write_layer wrote it; its pools are placed in ctx
+void llama_kv_cache_arkv::state_read_layer(llama_io_read_i & io, ggml_context * ctx, layer & l) {
+    uint32_t counts[3];
+    io.read(counts, sizeof(counts));
+    const uint32_t cap_o = counts[0];
+    if (cap_o < 1 || (size_t) cap_o*row_bytes_o() > arena_bytes || counts[1] > cap_o || counts[2] > cap_lo_for(cap_o)) {
+        throw std::runtime_error("the saved ARKV state has an invalid layout");
+    }
+    place_pools(ctx, l, cap_o);
+    std::fill(l.pos_o.begin(), l.pos_o.end(), -1);
+    std::fill(l.pos_lo.begin(), l.pos_lo.end(), -1);
+    l.n_o = counts[1];
+    l.n_lo = counts[2];
+    io.read(l.pos_o.data(), (size_t) l.n_o*n_head_kv_*sizeof(llama_pos));
+    io.read(l.pos_lo.data(), (size_t) l.n_lo*n_head_kv_*sizeof(llama_pos));
+    if (l.n_o > 0) {
+        io.read_tensor(l.k_o, 0, (size_t) l.n_o*row_bytes_o());
+        io.read_tensor(l.v_o, 0, (size_t) l.n_o*row_bytes_o());
+    }
+    if (l.n_lo > 0) {
+        io.read_tensor(l.k_lo, 0, (size_t) l.n_lo*row_bytes_lo());
+        io.read_tensor(l.v_lo, 0, (size_t) l.n_lo*row_bytes_lo());
+    }
+    for (int plane = 0; plane < 2; ++plane) {
         if (l.n_o > 0) {
-            io.write_tensor(l.k_o, 0, (size_t) l.n_o*row_bytes_o());
-            io.write_tensor(l.v_o, 0, (size_t) l.n_o*row_bytes_o());
+            io.read_tensor(l.acc_o, plane*l.acc_o->nb[2], (size_t) l.n_o*l.acc_o->nb[1]);
         }
         if (l.n_lo > 0) {
-            io.write_tensor(l.k_lo, 0, (size_t) l.n_lo*row_bytes_lo());
-            io.write_tensor(l.v_lo, 0, (size_t) l.n_lo*row_bytes_lo());
+            io.read_tensor(l.acc_lo, plane*l.acc_lo->nb[2], (size_t) l.n_lo*l.acc_lo->nb[1]);
         }
     }
 }
@@ -509,7 +556,7 @@ void llama_kv_cache_arkv::state_read(llama_io_read_i & io, llama_seq_id seq_id, 
     uint64_t arena = 0;
     io.read(&arena, sizeof(arena));
     if (hdr[0] != ARKV_STATE_MAGIC || hdr[1] != ARKV_STATE_VERSION) {
-        throw std::runtime_error("the saved state is not an ARKV cache state (version 1)");
+        throw std::runtime_error("the saved state is not an ARKV cache state of version " + std::to_string(ARKV_STATE_VERSION));
     }
     if (hdr[2] != n_layer() || hdr[3] != n_head_kv_ || hdr[4] != head_dim_ || hdr[5] != (uint32_t) params.type_q ||
         arena != arena_bytes) {
@@ -517,33 +564,16 @@ void llama_kv_cache_arkv::state_read(llama_io_read_i & io, llama_seq_id seq_id, 
     }
     llama_pos p[2];
     io.read(p, sizeof(p));
+    uint32_t n_scored_saved = 0;
+    io.read(&n_scored_saved, sizeof(n_scored_saved));
 
     clear(false);
     ggml_init_params ip = { size_t(4u*layers.size()*ggml_tensor_overhead()), nullptr, true };
     ggml_context_ptr ctx_new(ggml_init(ip));
     for (auto & l : layers) {
-        uint32_t counts[3];
-        io.read(counts, sizeof(counts));
-        const uint32_t cap_o = counts[0];
-        if (cap_o < 1 || (size_t) cap_o*row_bytes_o() > arena_bytes || counts[1] > cap_o || counts[2] > cap_lo_for(cap_o)) {
-            throw std::runtime_error("the saved ARKV state has an invalid layout");
-        }
-        place_pools(ctx_new.get(), l, cap_o);
-        std::fill(l.pos_o.begin(), l.pos_o.end(), -1);
-        std::fill(l.pos_lo.begin(), l.pos_lo.end(), -1);
-        l.n_o = counts[1];
-        l.n_lo = counts[2];
-        io.read(l.pos_o.data(), (size_t) l.n_o*n_head_kv_*sizeof(llama_pos));
-        io.read(l.pos_lo.data(), (size_t) l.n_lo*n_head_kv_*sizeof(llama_pos));
-        if (l.n_o > 0) {
-            io.read_tensor(l.k_o, 0, (size_t) l.n_o*row_bytes_o());
-            io.read_tensor(l.v_o, 0, (size_t) l.n_o*row_bytes_o());
-        }
-        if (l.n_lo > 0) {
-            io.read_tensor(l.k_lo, 0, (size_t) l.n_lo*row_bytes_lo());
-            io.read_tensor(l.v_lo, 0, (size_t) l.n_lo*row_bytes_lo());
-        }
+        state_read_layer(io, ctx_new.get(), l);
     }
+    n_scored = n_scored_saved;
     ctx_retired.clear(); // graphs over those were built for an older generation: never reused
     ctx_retired.push_back(std::move(ctx_pools));
     ctx_pools = std::move(ctx_new);

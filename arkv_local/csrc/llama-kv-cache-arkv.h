@@ -241,6 +241,8 @@ private:
 
     void alloc_layers(const llama_cparams & cparams, uint32_t cap_o_max);
     void place_pools(ggml_context * ctx, layer & l, uint32_t cap_o);
+    void state_write_layer(llama_io_write_i & io, const layer & l) const;
+    void state_read_layer(llama_io_read_i & io, ggml_context * ctx, layer & l);
     void clear_tails(const layer & l);
     bool apply_plan(llama_context * lctx);
     void build_plan_moves(ggml_context * ctx, ggml_cgraph * gf, plan_inputs & in, const layer & lo, const layer & ln,
