@@ -71,6 +71,8 @@ def llama_arkv_version() -> bytes:
 #     bool           rotate;
 #     uint32_t       n_score_queries;
 #     enum llama_arkv_attn attn;
+#     uint32_t       cap_s;
+#     const char *   spill_dir;
 # };
 class llama_arkv_params(ctypes.Structure):
     """Parameters of the tri-state KV memory (see llama-arkv.h)."""
@@ -82,12 +84,15 @@ class llama_arkv_params(ctypes.Structure):
         ("rotate", ctypes.c_bool),
         ("n_score_queries", ctypes.c_uint32),
         ("attn", ctypes.c_int),
+        ("cap_s", ctypes.c_uint32),
+        ("spill_dir", ctypes.c_char_p),
     ]
 
 
 # struct llama_arkv_layer_info {
 #     uint32_t cap_o; uint32_t cap_q; uint32_t n_o; uint32_t n_q;
 #     uint64_t bytes_alloc; uint64_t bytes_used;
+#     uint32_t cap_s; uint32_t n_s; uint64_t bytes_spill;
 # };
 class llama_arkv_layer_info(ctypes.Structure):
     """One layer's pools: capacities, slots in use and bytes."""
@@ -99,12 +104,16 @@ class llama_arkv_layer_info(ctypes.Structure):
         ("n_q", ctypes.c_uint32),
         ("bytes_alloc", ctypes.c_uint64),
         ("bytes_used", ctypes.c_uint64),
+        ("cap_s", ctypes.c_uint32),
+        ("n_s", ctypes.c_uint32),
+        ("bytes_spill", ctypes.c_uint64),
     ]
 
 
 # struct llama_arkv_layer_plan {
-#     uint32_t cap_o; uint32_t n_o; uint32_t n_q;
-#     const int32_t * o_src; const int32_t * q_src; const uint8_t * q_from_o;
+#     uint32_t cap_o; uint32_t n_o; uint32_t n_q; uint32_t n_s;
+#     const int32_t * o_src; const uint8_t * o_from; const int32_t * q_src; const uint8_t * q_from;
+#     const int32_t * s_src; const uint8_t * s_from;
 # };
 class llama_arkv_layer_plan(ctypes.Structure):
     """One layer's next layout: the current rows each new slot takes, per KV head."""
@@ -113,9 +122,13 @@ class llama_arkv_layer_plan(ctypes.Structure):
         ("cap_o", ctypes.c_uint32),
         ("n_o", ctypes.c_uint32),
         ("n_q", ctypes.c_uint32),
+        ("n_s", ctypes.c_uint32),
         ("o_src", ctypes.POINTER(ctypes.c_int32)),
+        ("o_from", ctypes.POINTER(ctypes.c_uint8)),
         ("q_src", ctypes.POINTER(ctypes.c_int32)),
-        ("q_from_o", ctypes.POINTER(ctypes.c_uint8)),
+        ("q_from", ctypes.POINTER(ctypes.c_uint8)),
+        ("s_src", ctypes.POINTER(ctypes.c_int32)),
+        ("s_from", ctypes.POINTER(ctypes.c_uint8)),
     ]
 
 
@@ -179,16 +192,25 @@ def llama_arkv_get_pool_extent(ctx: int, i: int, out: ctypes._Pointer, /) -> boo
 def llama_arkv_get_layers(ctx: int, out: ctypes.Array, /) -> None: ...
 
 
-# LLAMA_API void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_q);
-@ctypes_function("llama_arkv_get_positions", [_ctx_p, _i32_p, _i32_p], None)
-def llama_arkv_get_positions(ctx: int, pos_o: ctypes._Pointer, pos_q: ctypes._Pointer, /) -> None: ...
+# LLAMA_API void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o,
+#         int32_t * pos_q, int32_t * pos_s);
+@ctypes_function("llama_arkv_get_positions", [_ctx_p, _i32_p, _i32_p, _i32_p], None)
+def llama_arkv_get_positions(ctx: int, pos_o: ctypes._Pointer, pos_q: ctypes._Pointer,
+                             pos_s: ctypes._Pointer, /) -> None: ...
 
 
 # LLAMA_API uint32_t llama_arkv_get_scores(const struct llama_context * ctx,
-#         float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q);
-@ctypes_function("llama_arkv_get_scores", [_ctx_p, _f32_p, _f32_p, _f32_p, _f32_p], ctypes.c_uint32)
+#         float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q,
+#         float * sum_s, float * sum_sq_s);
+@ctypes_function("llama_arkv_get_scores", [_ctx_p] + [_f32_p] * 6, ctypes.c_uint32)
 def llama_arkv_get_scores(ctx: int, sum_o: ctypes._Pointer, sum_sq_o: ctypes._Pointer,
-                          sum_q: ctypes._Pointer, sum_sq_q: ctypes._Pointer, /) -> int: ...
+                          sum_q: ctypes._Pointer, sum_sq_q: ctypes._Pointer,
+                          sum_s: ctypes._Pointer, sum_sq_s: ctypes._Pointer, /) -> int: ...
+
+
+# LLAMA_API void llama_arkv_set_recall(struct llama_context * ctx, bool on);
+@ctypes_function("llama_arkv_set_recall", [_ctx_p, ctypes.c_bool], None)
+def llama_arkv_set_recall(ctx: int, on: bool, /) -> None: ...
 
 
 # LLAMA_API int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_arkv_layer_plan * plans);

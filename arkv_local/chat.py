@@ -75,22 +75,25 @@ def mib(n: int) -> str:
 
 
 def status_line(stats: KVStats, n_answer: int, seconds: float) -> str:
-    """KV memory in use vs an f16 cache for the same history, O/Q/E totals, speed."""
-    o = sum(layer.n_o for layer in stats.layers)
-    q = sum(layer.n_q for layer in stats.layers)
-    e = sum(layer.n_e for layer in stats.layers)
+    """KV memory in use vs an f16 cache for the same history, O/Q/S/E totals, speed."""
+    n = len(stats.layers)
+    o, q, s, e = (sum(getattr(layer, k) for layer in stats.layers) // n
+                  for k in ("n_o", "n_q", "n_s", "n_e"))
     speed = n_answer / seconds if seconds > 0 else 0.0
-    return (f"[KV {mib(stats.bytes_used)} of {mib(stats.bytes_budget)}; f16 would need "
+    spill = f"; {mib(stats.bytes_spill)} spilled to host" if stats.bytes_spill else ""
+    return (f"[KV {mib(stats.bytes_used)} of {mib(stats.bytes_budget)}{spill}; f16 would need "
             f"{mib(stats.bytes_f16)} | {stats.n_tokens} tokens, per layer and head "
-            f"O {o // len(stats.layers)} Q {q // len(stats.layers)} "
-            f"E {e // len(stats.layers)} | {speed:.1f} tok/s]")
+            f"O {o} Q {q} S {s} E {e} | {speed:.1f} tok/s]")
 
 
 def stats_table(stats: KVStats) -> str:
-    rows = [f"{'layer':>5} {'O (f16)':>8} {'Q (4-bit)':>9} {'E':>7} {'O share':>8} {'bytes':>10}"]
+    rows = [f"{'layer':>5} {'O (f16)':>8} {'Q (4-bit)':>9} {'S (host)':>8} {'E':>7} "
+            f"{'O share':>8} {'bytes':>10}"]
     for i, layer in enumerate(stats.layers):
-        rows.append(f"{i:>5} {layer.n_o:>8} {layer.n_q:>9} {layer.n_e:>7} "
+        rows.append(f"{i:>5} {layer.n_o:>8} {layer.n_q:>9} {layer.n_s:>8} {layer.n_e:>7} "
                     f"{layer.oq_ratio:>8.2f} {layer.bytes_used:>10}")
+    rows.append(f"{stats.n_recalls} recalls, {stats.recall_seconds:.2f} s; "
+                f"{stats.bytes_spill} bytes spilled")
     rows.append(f"{stats.n_tailorings} tailorings, {stats.tailoring_seconds:.2f} s")
     return "\n".join(rows)
 

@@ -13,3 +13,4 @@ ROTATE = True     # Walsh-Hadamard rotation of cached K/V, as llama.cpp's quanti
 OBSERVE = 32      # last queries of each ubatch whose attention is scored (ARKV's window)
 N_O_INIT = 0      # O slots per layer at creation; 0: the whole budget in f16
 ATTN = "auto"     # decode attention path (memory.ATTN_PATHS)
+SPILL = "host"    # where rows leaving the budget go (host memory), recalled by each prompt's tail

@@ -5,14 +5,15 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp
 
 from . import defaults
-from .memory import MemoryParams, TriStateKV, armed
-from .models import check_gguf, default_model_path, gguf_load_errors, model_shape
+from .memory import QUANT_TYPES, MemoryParams, TriStateKV, armed, quant_slot_bytes
+from .models import ModelShape, check_gguf, default_model_path, gguf_load_errors, model_shape
 from .policies import KV_POLICIES, Policy, make_policy
 from .state import ArkvState
 from .tailoring import KVStats, LayerKVStats, Tailor
@@ -40,6 +41,13 @@ class Llama(llama_cpp.Llama):
     kv_rotate: Walsh-Hadamard rotation of the cached K/V (as llama.cpp's quantized caches).
     kv_observe: last queries of each ubatch whose attention is scored (32), for the policies
         that read scores or prefill statistics (ARKV's observation window).
+    kv_spill: where rows that leave the budget go: "host" (default: 4-bit rows in RAM, or
+        pinned host memory beside a GPU), "disk" (a memory-mapped file in kv_spill_dir,
+        unlinked at once) or None (evicted for good, as the paper). Spilled rows are read again
+        by the last kv_observe tokens of every prompt (the question), and the plan after that
+        brings back the rows they attend to.
+    kv_spill_bytes: the most bytes spilled rows take over all layers (default: enough for
+        every position of the window); past it the lowest-scored spilled rows are evicted.
     arkv_tau, arkv_gamma: ARKV's layer-score exponents and heavy-hitter variance weight
         ((0.1, 0.3, 0.6) and 0.8: the reference's instruct values).
     """
@@ -57,6 +65,9 @@ class Llama(llama_cpp.Llama):
         kv_quant: str = defaults.QUANT,
         kv_rotate: bool = defaults.ROTATE,
         kv_observe: int = defaults.OBSERVE,
+        kv_spill: str | None = defaults.SPILL,
+        kv_spill_bytes: int | None = None,
+        kv_spill_dir: str | os.PathLike[str] | None = None,
         arkv_tau: tuple[float, float, float] | None = None,
         arkv_gamma: float | None = None,
         **kwargs: Any,
@@ -65,8 +76,9 @@ class Llama(llama_cpp.Llama):
         self._knobs = dict(kv_policy=kv_policy, kv_budget=kv_budget,
                            kv_budget_bytes=kv_budget_bytes, kv_window=kv_window,
                            kv_sinks=kv_sinks, kv_slack=kv_slack, kv_quant=kv_quant,
-                           kv_rotate=kv_rotate, kv_observe=kv_observe, arkv_tau=arkv_tau,
-                           arkv_gamma=arkv_gamma)
+                           kv_rotate=kv_rotate, kv_observe=kv_observe, kv_spill=kv_spill,
+                           kv_spill_bytes=kv_spill_bytes, kv_spill_dir=kv_spill_dir,
+                           arkv_tau=arkv_tau, arkv_gamma=arkv_gamma)
         self._n_ctx_given = kwargs.get("n_ctx")  # None: not given (the window then differs)
         path = default_model_path() if model_path is None else check_gguf(model_path)
         policy = make_policy(kv_policy, window=kv_window, sinks=kv_sinks, slack=kv_slack,
@@ -76,6 +88,7 @@ class Llama(llama_cpp.Llama):
         self.progress_bar = bool(kwargs.get("verbose", True))  # while reading long prompts
         if policy is None and (kv_budget is not None or kv_budget_bytes is not None):
             raise ValueError("kv_budget needs a kv_policy other than 'full'")
+        spill_dir = check_spill(kv_spill, kv_spill_bytes, kv_spill_dir)
         if policy is None or kwargs.get("vocab_only", False):
             # "full", or a tokenizer-only load: no KV cache for a policy to manage
             with gguf_load_errors(path):
@@ -96,8 +109,13 @@ class Llama(llama_cpp.Llama):
         if kv_observe < int(observes):
             raise ValueError(f"kv_observe must be >= {int(observes)} with kv_policy "
                              f"{self.kv_policy!r}, got {kv_observe}")
+        cap_s = spill_slots(kv_spill, kv_spill_bytes, shape, kv_quant, n_ctx)
+        if cap_s and kv_observe < 1:
+            raise ValueError(f"kv_spill={kv_spill!r} needs kv_observe >= 1 (the queries that "
+                             "recall spilled rows); pass kv_spill=None to evict instead")
         params = MemoryParams(budget_bytes=layer_bytes, quant=kv_quant, rotate=kv_rotate,
-                              n_score_queries=kv_observe if observes else 0)
+                              n_score_queries=kv_observe if observes else 0,
+                              cap_s=cap_s, spill_dir=spill_dir)
         if "n_ctx" not in kwargs and not kwargs.get("logits_all", False) \
                 and shape.n_ctx_train > 0:
             kwargs["n_ctx"] = shape.n_ctx_train  # no window asked for: run past the cache
@@ -105,7 +123,8 @@ class Llama(llama_cpp.Llama):
             super().__init__(os.fspath(path), **kwargs)
         self._n_ctx_train = shape.n_ctx_train
         kv = TriStateKV(self.ctx)
-        self._tailor = Tailor(kv, policy, params, llama_cpp.llama_model_n_head(self.model))
+        self._tailor = Tailor(kv, policy, params, llama_cpp.llama_model_n_head(self.model),
+                              recall_tokens=kv_observe)
 
     def eval(self, tokens: Sequence[int]) -> None:
         """As llama_cpp.Llama.eval; with a policy, the cache is tailored to its budget as the
@@ -131,11 +150,21 @@ class Llama(llama_cpp.Llama):
             from tqdm import tqdm
 
             chunks = tqdm(chunks, desc="reading prompt", unit="chunk", file=sys.stderr)
+        # a prompt's last tokens also read the spilled rows: the question recalls what it needs
+        tail = max(0, min(len(tokens) - 1, self._tailor.recall_tokens))
+        tail_start, recall = len(tokens) - tail, None
         for i in chunks:
             chunk = tokens[i : i + step]
-            self._tailor.before_decode(len(chunk), self.n_tokens - 1)
-            super().eval(chunk)
-            self._tailor.after_decode()
+            if recall is None and tail and i + len(chunk) > tail_start:
+                recall = self._tailor.spilled()  # decided when the chunks reach the tail
+            if recall:
+                chunk = chunk[: max(0, tail_start - i)]
+            if chunk:
+                self._tailor.before_decode(len(chunk), self.n_tokens - 1)
+                super().eval(chunk)
+        if recall:
+            self._tailor.recall(tail, self.n_tokens - 1,
+                                lambda: super(Llama, self).eval(tokens[-tail:]))
         self._tailor.end_of_prompt()
 
     def kv_stats(self) -> KVStats:
@@ -227,3 +256,41 @@ def _layer_budget(slot_f16: int, n_layer: int, tokens: int | None, total_bytes: 
         raise ValueError(f"kv_budget must be a positive number of tokens, got {tokens}")
     return tokens * slot_f16
 
+
+
+SPILL_KINDS = ("host", "disk")
+
+
+def check_spill(kind: str | None, total_bytes: int | None,
+                directory: str | os.PathLike[str] | None) -> str | None:
+    """Validate kv_spill, kv_spill_bytes and kv_spill_dir; the directory of a spill to disk."""
+    if kind is not None and kind not in SPILL_KINDS:
+        raise ValueError(f"unknown kv_spill {kind!r}: choose 'host', 'disk' or None (evict)")
+    if total_bytes is not None and (kind is None or total_bytes <= 0):
+        raise ValueError(f"kv_spill_bytes={total_bytes!r} needs kv_spill='host' or 'disk' and a "
+                         "positive number of bytes")
+    if directory is not None and kind != "disk":
+        raise ValueError("kv_spill_dir is for kv_spill='disk'")
+    if kind != "disk":
+        return None
+    d = os.fspath(directory) if directory is not None else tempfile.gettempdir()
+    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"kv_spill_dir {d!r} is not a writable directory")
+    return d
+
+
+def spill_slots(kind: str | None, total_bytes: int | None, shape: ModelShape, quant: str,
+                n_ctx: int) -> int:
+    """Spilled slots per layer: kv_spill_bytes' worth, else every position of the window."""
+    if kind is None:
+        return 0
+    if quant not in QUANT_TYPES:
+        return 1  # MemoryParams names the bad type
+    slot = quant_slot_bytes(quant, shape.head_dim * shape.n_head_kv)
+    if total_bytes is None:
+        return n_ctx
+    cap = total_bytes // (shape.n_layer * slot)
+    if cap < 1:
+        raise ValueError(f"kv_spill_bytes={total_bytes} holds no token: one spilled token costs "
+                         f"{shape.n_layer * slot} bytes over {shape.n_layer} layers")
+    return min(cap, n_ctx)

@@ -7,6 +7,7 @@ so that policies never touch ctypes.
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ import llama_cpp
 import numpy as np
 
 from . import arkv_cpp, defaults
-from .policies.types import LayerPlan
+from .policies.types import POOL_O, LayerPlan
 
 QUANT_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # ggml_type values
+QUANT_BLOCKS = {"q4_0": (32, 18), "q4_1": (32, 20), "q8_0": (32, 34)}  # values, bytes per block
 # how a decoded token attends over a layer with Q rows (enum llama_arkv_attn): "auto" takes the
 # fused CPU kernel for host pools and "segments" (flash attention over Q rows as they lie, and
 # over O rows, merged exactly) for device pools; "dequant" dequantizes Q rows to f16 for
@@ -35,6 +37,8 @@ class MemoryParams:
     rotate: bool = defaults.ROTATE
     n_score_queries: int = defaults.OBSERVE
     attn: str = defaults.ATTN  # decode attention path, one of ATTN_PATHS
+    cap_s: int = 0  # spilled slots per layer (4-bit rows in host memory); 0: evicted rows are gone
+    spill_dir: str | None = None  # the spilled rows in a memory-mapped file there (None: in RAM)
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -47,8 +51,8 @@ class MemoryParams:
             raise ValueError(
                 f"unknown attention path {self.attn!r}: choose one of {', '.join(ATTN_PATHS)}"
             )
-        if self.n_o_init < 0 or self.n_score_queries < 0:
-            raise ValueError("n_o_init and n_score_queries must be >= 0")
+        if self.n_o_init < 0 or self.n_score_queries < 0 or self.cap_s < 0:
+            raise ValueError("n_o_init, n_score_queries and cap_s must be >= 0")
 
     def arm(self) -> None:
         """Make the next llama context created use this memory."""
@@ -59,8 +63,16 @@ class MemoryParams:
             self.rotate,
             self.n_score_queries,
             ATTN_PATHS[self.attn],
+            self.cap_s,
+            None if self.spill_dir is None else os.fsencode(self.spill_dir),
         )
-        arkv_cpp.llama_arkv_arm(ctypes.byref(p))
+        arkv_cpp.llama_arkv_arm(ctypes.byref(p))  # the context copies what it needs when created
+
+
+def quant_slot_bytes(quant: str, n_embd_gqa: int) -> int:
+    """K+V bytes one token costs in one layer's Q (or spilled) pool."""
+    values, size = QUANT_BLOCKS[quant]
+    return 2 * n_embd_gqa // values * size
 
 
 def disarm() -> None:
@@ -96,7 +108,8 @@ def open_llama(model_path: str, params: MemoryParams, **kwargs: object) -> llama
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One layer's pools: capacities and slots in use (equal in every KV head), and bytes."""
+    """One layer's pools: capacities and slots in use (equal in every KV head), and bytes
+    (bytes_alloc and bytes_used: the budget's pools; the spilled rows lie outside)."""
 
     cap_o: int
     cap_q: int
@@ -104,6 +117,9 @@ class LayerInfo:
     n_q: int
     bytes_alloc: int
     bytes_used: int
+    cap_s: int = 0
+    n_s: int = 0
+    bytes_spill: int = 0  # K+V bytes of the spilled rows, in host memory
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,8 @@ class Scores:
     sum_sq_o: list[np.ndarray]
     sum_q: list[np.ndarray]
     sum_sq_q: list[np.ndarray]
+    sum_s: list[np.ndarray]
+    sum_sq_s: list[np.ndarray]
 
 
 class TriStateKV:
@@ -147,7 +165,8 @@ class TriStateKV:
     def layers(self) -> list[LayerInfo]:
         out = (arkv_cpp.llama_arkv_layer_info * self.n_layer)()
         arkv_cpp.llama_arkv_get_layers(self.ctx, out)
-        return [LayerInfo(i.cap_o, i.cap_q, i.n_o, i.n_q, i.bytes_alloc, i.bytes_used) for i in out]
+        return [LayerInfo(i.cap_o, i.cap_q, i.n_o, i.n_q, i.bytes_alloc, i.bytes_used,
+                          i.cap_s, i.n_s, i.bytes_spill) for i in out]
 
     def pool_extent(self, layer: int) -> PoolExtent:
         """Where a layer's K pools lie in its arena (V's are alike)."""
@@ -169,35 +188,35 @@ class TriStateKV:
         parts = np.split(flat, np.cumsum(sizes)[:-1])
         return [p.reshape(-1, self.n_head_kv) for p in parts]
 
-    def _buffers(self, infos: list[LayerInfo], dtype: type) -> tuple[np.ndarray, np.ndarray]:
-        n_o = sum(i.cap_o for i in infos) * self.n_head_kv
-        n_q = sum(i.cap_q for i in infos) * self.n_head_kv
-        return np.empty(n_o, dtype), np.empty(n_q, dtype)
+    def _buffers(self, infos: list[LayerInfo], dtype: type) -> list[np.ndarray]:
+        """One flat buffer per pool (O, Q, S), for all layers' slots."""
+        return [np.zeros(sum(getattr(i, f"cap_{p}") for i in infos) * self.n_head_kv, dtype)
+                for p in "oqs"]
 
-    def positions(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per layer, the position held by each (slot, head) of O and of Q; -1 where free."""
+    def positions(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Per layer, the position held by each (slot, head) of O, of Q and of S; -1 where
+        free."""
         infos = self.layers()
-        o, q = self._buffers(infos, np.int32)
-        arkv_cpp.llama_arkv_get_positions(
-            self.ctx, _ptr(o, ctypes.c_int32), _ptr(q, ctypes.c_int32)
-        )
-        return self._split(o, infos, "o"), self._split(q, infos, "q")
+        bufs = self._buffers(infos, np.int32)
+        arkv_cpp.llama_arkv_get_positions(self.ctx, *(_ptr(b, ctypes.c_int32) for b in bufs))
+        o, q, s = (self._split(b, infos, p) for b, p in zip(bufs, "oqs", strict=True))
+        return o, q, s
 
     def scores(self) -> Scores:
         infos = self.layers()
-        sum_o, sum_q = self._buffers(infos, np.float32)  # O-sized, Q-sized
-        sq_o, sq_q = self._buffers(infos, np.float32)
+        sums, sqs = self._buffers(infos, np.float32), self._buffers(infos, np.float32)
         f = ctypes.c_float
         n = arkv_cpp.llama_arkv_get_scores(
-            self.ctx, _ptr(sum_o, f), _ptr(sq_o, f), _ptr(sum_q, f), _ptr(sq_q, f)
+            self.ctx, _ptr(sums[0], f), _ptr(sqs[0], f), _ptr(sums[1], f), _ptr(sqs[1], f),
+            _ptr(sums[2], f), _ptr(sqs[2], f),
         )
-        return Scores(
-            n,
-            self._split(sum_o, infos, "o"),
-            self._split(sq_o, infos, "o"),
-            self._split(sum_q, infos, "q"),
-            self._split(sq_q, infos, "q"),
-        )
+        (m_o, m_q, m_s), (sq_o, sq_q, sq_s) = (
+            [self._split(b, infos, p) for b, p in zip(x, "oqs", strict=True)] for x in (sums, sqs))
+        return Scores(n, m_o, sq_o, m_q, sq_q, m_s, sq_s)
+
+    def set_recall(self, on: bool) -> None:
+        """While on, every ubatch also attends over (and scores) the spilled rows."""
+        arkv_cpp.llama_arkv_set_recall(self.ctx, on)
 
     def request_stats(self) -> None:
         """Measure ARKV's prefill statistics on the last ubatch of the next decode."""
@@ -216,19 +235,23 @@ class TriStateKV:
             raise ValueError(f"a plan needs one entry per layer ({self.n_layer}), got {len(plan)}")
         keep = []
         structs = (arkv_cpp.llama_arkv_layer_plan * self.n_layer)()
+        H = self.n_head_kv
         for s, p in zip(structs, plan, strict=True):
-            o_src = np.ascontiguousarray(p.o_src, np.int32).reshape(-1, self.n_head_kv)
-            q_src = np.ascontiguousarray(p.q_src, np.int32).reshape(-1, self.n_head_kv)
-            q_from_o = np.ascontiguousarray(p.q_from_o, np.uint8).reshape(-1, self.n_head_kv)
-            if q_src.shape != q_from_o.shape:
-                raise ValueError(
-                    f"q_src {q_src.shape} and q_from_o {q_from_o.shape} differ in shape"
-                )
-            keep += [o_src, q_src, q_from_o]
-            s.cap_o, s.n_o, s.n_q = p.cap_o, len(o_src), len(q_src)
-            s.o_src = _ptr(o_src, ctypes.c_int32)
-            s.q_src = _ptr(q_src, ctypes.c_int32)
-            s.q_from_o = _ptr(q_from_o, ctypes.c_uint8)
+            o_from = np.full_like(p.o_src, POOL_O) if p.o_from is None else p.o_from
+            rows = {}
+            for name, src, frm in (("o", p.o_src, o_from), ("q", p.q_src, p.q_from),
+                                   ("s", p.s_src, p.s_from)):
+                src = np.ascontiguousarray(src, np.int32).reshape(-1, H)
+                frm = np.ascontiguousarray(frm, np.uint8).reshape(-1, H)
+                if src.shape != frm.shape:
+                    raise ValueError(f"{name}_src {src.shape} and {name}_from {frm.shape} "
+                                     "differ in shape")
+                rows[name] = (src, frm)
+                keep += [src, frm]
+            s.cap_o = p.cap_o
+            s.n_o, s.n_q, s.n_s = (len(rows[k][0]) for k in "oqs")
+            s.o_src, s.q_src, s.s_src = (_ptr(rows[k][0], ctypes.c_int32) for k in "oqs")
+            s.o_from, s.q_from, s.s_from = (_ptr(rows[k][1], ctypes.c_uint8) for k in "oqs")
         if arkv_cpp.llama_arkv_submit_plan(self.ctx, structs) != 0:
             raise ValueError(f"plan refused: {last_error()}")
 

@@ -28,9 +28,10 @@ class Session:
     stats: np.ndarray | None = field(default=None, init=False)  # (n_layer, 3), once measured
     ratios: np.ndarray = field(init=False)  # per layer, the O share of the last plan
     measuring: bool = field(init=False)     # the first prompt's statistics are still to come
-    room: int | None = field(default=None, init=False)  # free O slots once a plan is applied
     n_tailorings: int = field(default=0, init=False)
     tailoring_seconds: float = field(default=0.0, init=False)
+    n_recalls: int = field(default=0, init=False)  # prompts whose tail read the spilled rows
+    recall_seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.start_sequence()
@@ -41,7 +42,6 @@ class Session:
         self.stats = None
         self.ratios = np.ones(self.n_layer)
         self.measuring = self.policy.needs_stats
-        self.room = None
 
     def snapshot(self) -> dict[str, Any]:
         """Everything above as plain data (json.dumps-able; arrays bit for bit)."""
@@ -50,8 +50,9 @@ class Session:
             "n_layer": self.n_layer,
             "stats": None if self.stats is None else array_to_data(self.stats),
             "ratios": array_to_data(self.ratios), "measuring": self.measuring,
-            "room": self.room, "n_tailorings": self.n_tailorings,
+            "n_tailorings": self.n_tailorings,
             "tailoring_seconds": self.tailoring_seconds,
+            "n_recalls": self.n_recalls, "recall_seconds": self.recall_seconds,
             "policy_state": self.policy.snapshot(),
         }
 
@@ -71,10 +72,10 @@ class Session:
         if ratios.shape != (self.n_layer,) or (stats is not None and
                                                stats.shape != (self.n_layer, 3)):
             raise ValueError("the session snapshot's arrays do not match the model's layers")
-        room = data["room"]
-        counters = int(data["n_tailorings"]), float(data["tailoring_seconds"])
+        counters = (int(data["n_tailorings"]), float(data["tailoring_seconds"]),
+                    int(data.get("n_recalls", 0)), float(data.get("recall_seconds", 0.0)))
         measuring = bool(data["measuring"])
         self.policy.restore(data["policy_state"])  # raises before it changes anything
         self.stats, self.ratios, self.measuring = stats, ratios, measuring
-        self.room = None if room is None else int(room)
-        self.n_tailorings, self.tailoring_seconds = counters
+        (self.n_tailorings, self.tailoring_seconds,
+         self.n_recalls, self.recall_seconds) = counters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,13 +15,16 @@ from .session import Session
 
 @dataclass(frozen=True)
 class LayerKVStats:
-    """One layer: tokens per KV head in f16 (O), 4-bit (Q) and evicted (E), its O share."""
+    """One layer: tokens per KV head in f16 (O), 4-bit (Q), spilled to host memory (S) and
+    evicted (E), its O share, and bytes (the budget's pools; the spill's)."""
 
     n_o: int
     n_q: int
     n_e: int
     oq_ratio: float
     bytes_used: int
+    n_s: int = 0
+    bytes_spill: int = 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class KVStats:
     layers: list[LayerKVStats]
     n_tailorings: int
     tailoring_seconds: float
+    bytes_spill: int = 0   # host bytes of the spilled rows (outside the budget)
+    n_recalls: int = 0     # prompts whose last tokens read the spilled rows
+    recall_seconds: float = 0.0  # time those recall passes took, plans included
 
 
 class Tailor:
@@ -41,17 +48,21 @@ class Tailor:
     from the policy) when the new tokens would not fit, and it measures ARKV's prefill
     statistics on the first prompt. What the policy learns lives in `session`."""
 
-    def __init__(self, kv: TriStateKV, policy: Policy, params: MemoryParams, n_head: int) -> None:
+    def __init__(self, kv: TriStateKV, policy: Policy, params: MemoryParams, n_head: int,
+                 recall_tokens: int = 0) -> None:
         self.kv = kv
         self.params = params
         self.session = Session(policy, kv.n_layer)
-        self.budget = Budget(params.budget_bytes, kv.slot_bytes_o, kv.slot_bytes_q)
+        self.budget = Budget(params.budget_bytes, kv.slot_bytes_o, kv.slot_bytes_q,
+                             cap_s=params.cap_s)
         self.group = n_head // kv.n_head_kv
         # the most new tokens one plan can make room for; a prompt is read in chunks of half
         # that: room reserved in f16 for a chunk is budget not spent on kept (4-bit) tokens
         max_room = self.budget.cap_o_max - policy.window - policy.sinks
         assert max_room >= policy.slack, "the budget was checked against the policy"
         self.max_chunk = max(policy.slack, max_room // 2)
+        # a prompt's last tokens that read every row, spilled ones too (all scored)
+        self.recall_tokens = min(recall_tokens, self.max_chunk) if params.cap_s else 0
 
     @property
     def policy(self) -> Policy:
@@ -67,19 +78,13 @@ class Tailor:
         if any(info.cap_o != cap_o for info in self.kv.layers()):
             none = np.zeros((0, self.kv.n_head_kv), np.int32)
             self.kv.submit([LayerPlan(cap_o, none, none, none.astype(bool))] * self.kv.n_layer)
-            self.session.room = cap_o  # free once the plan is applied, before the first decode
 
     def before_decode(self, n_tokens: int, pos_max: int) -> None:
         """Make room for n_tokens new tokens (n_tokens <= max_chunk)."""
-        s = self.session
-        free = self.kv.free_slots() if s.room is None else s.room
-        if free < n_tokens:
+        if self.kv.free_slots() < n_tokens:  # counts a pending plan's layout
             self.tailor(n_tokens, pos_max)
-        if s.measuring:
+        if self.session.measuring:
             self.kv.request_stats()  # the first prompt's last chunk before a plan keeps them
-
-    def after_decode(self) -> None:
-        self.session.room = None
 
     def end_of_prompt(self) -> None:
         s = self.session
@@ -87,33 +92,53 @@ class Tailor:
             s.stats = self.kv.stats()
             s.measuring = False
 
-    def tailor(self, room: int, pos_max: int) -> None:
+    def spilled(self) -> bool:
+        """Whether any row is in the spill (a recall pass has something to read)."""
+        return any(info.n_s > 0 for info in self.kv.layers())
+
+    def recall(self, tail: int, pos_max: int, read: Callable[[], None]) -> None:
+        """Read a prompt's last `tail` tokens (read()) over every row, spilled ones included, so
+        that the logits that start the answer saw them; then plan with the scores those queries
+        left, which rank all rows: the policy may bring spilled rows back and spill others."""
+        t0 = time.perf_counter()
+        self.tailor(tail, pos_max)  # room for the tail, and scores from the tail's queries only
+        self.kv.set_recall(True)
+        try:
+            read()
+        finally:
+            self.kv.set_recall(False)
+        self.tailor(self.policy.slack, pos_max + tail, recall=True)
+        self.session.n_recalls += 1
+        self.session.recall_seconds += time.perf_counter() - t0
+
+    def tailor(self, room: int, pos_max: int, recall: bool = False) -> None:
         t0 = time.perf_counter()
         self.end_of_prompt()
         s = self.session
-        view = self.view(pos_max)
+        view = self.view(pos_max, recall)
         plan = s.policy.plan(view, self.budget, room)
         self.kv.submit(plan)
         s.ratios = np.clip(np.asarray(s.policy.ratios(view), np.float64), 0.0, 1.0)
-        s.room = min(p.free_o for p in plan)
         s.n_tailorings += 1
         s.tailoring_seconds += time.perf_counter() - t0
 
-    def view(self, pos_max: int) -> KVView:
+    def view(self, pos_max: int, recall: bool = False) -> KVView:
         infos = self.kv.layers()
-        pos_o, pos_q = self.kv.positions()
+        pos_o, pos_q, pos_s = self.kv.positions()
         sc = self.kv.scores()
         layers = [
             LayerView(pos_o[i][: info.n_o], pos_q[i][: info.n_q],
                       sc.sum_o[i][: info.n_o], sc.sum_sq_o[i][: info.n_o],
-                      sc.sum_q[i][: info.n_q], sc.sum_sq_q[i][: info.n_q])
+                      sc.sum_q[i][: info.n_q], sc.sum_sq_q[i][: info.n_q],
+                      pos_s[i][: info.n_s], sc.sum_s[i][: info.n_s], sc.sum_sq_s[i][: info.n_s])
             for i, info in enumerate(infos)
         ]
-        return KVView(layers, sc.n_queries, self.group, self.session.stats, pos_max)
+        return KVView(layers, sc.n_queries, self.group, self.session.stats, pos_max, recall)
 
     def kv_stats(self, n_tokens: int) -> KVStats:
         infos = self.kv.layers()
-        layers = [LayerKVStats(i.n_o, i.n_q, n_tokens - i.n_o - i.n_q, float(r), i.bytes_used)
+        layers = [LayerKVStats(i.n_o, i.n_q, n_tokens - i.n_o - i.n_q - i.n_s, float(r),
+                               i.bytes_used, i.n_s, i.bytes_spill)
                   for i, r in zip(infos, self.session.ratios, strict=True)]
         return KVStats(
             bytes_used=sum(i.bytes_used for i in infos),
@@ -123,4 +148,7 @@ class Tailor:
             layers=layers,
             n_tailorings=self.session.n_tailorings,
             tailoring_seconds=self.session.tailoring_seconds,
+            bytes_spill=sum(i.bytes_spill for i in infos),
+            n_recalls=self.session.n_recalls,
+            recall_seconds=self.session.recall_seconds,
         )

@@ -25,9 +25,8 @@ class Recency(Policy):
     def ratios(self, view: KVView) -> np.ndarray:
         return np.full(len(view.layers), self.o_share)
 
-    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        lv = view.layers[layer]
-        return lv.pos_o.astype(float), lv.pos_q.astype(float)
+    def scores(self, view: KVView, layer: int) -> np.ndarray:
+        return view.layers[layer].pos.astype(float)
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def check_memory(llm: Llama) -> None:
     assert st.bytes_used == sum(i.bytes_used for i in native)
     for layer, info in zip(st.layers, native, strict=True):
         assert (layer.n_o, layer.n_q) == (info.n_o, info.n_q)
-        assert layer.n_e >= 0 and layer.n_o + layer.n_q + layer.n_e == st.n_tokens
+        assert layer.n_e >= 0 and layer.n_o + layer.n_q + layer.n_s + layer.n_e == st.n_tokens
 
 
 class Walk:

@@ -32,13 +32,13 @@ def test_memory_stays_within_budget_over_a_long_prompt_and_generation(
     budget = 512
     llm = Llama(smollm2, kv_policy="arkv", kv_budget=budget, n_threads=2, verbose=False)
     seen: list[int] = []
-    original = Tailor.after_decode
+    original = Tailor.before_decode
 
-    def record(self: Tailor) -> None:  # every decode, prompt chunks and generated tokens alike
+    def record(self: Tailor, n_tokens: int, pos_max: int) -> None:  # every decode but recalls
+        original(self, n_tokens, pos_max)
         seen.append(self.kv_stats(llm.n_tokens).bytes_used)
-        original(self)
 
-    monkeypatch.setattr(Tailor, "after_decode", record)
+    monkeypatch.setattr(Tailor, "before_decode", record)
     prompt = tokens[:4000]
     generated = []
     for tok in llm.generate(prompt, temp=0.0):
@@ -55,7 +55,7 @@ def test_memory_stays_within_budget_over_a_long_prompt_and_generation(
     ratios = [layer.oq_ratio for layer in stats.layers]
     assert max(ratios) == 1.0 and min(ratios) < 1.0  # measured, per layer
     for layer in stats.layers:
-        assert layer.n_o + layer.n_q + layer.n_e == stats.n_tokens
+        assert layer.n_o + layer.n_q + layer.n_s + layer.n_e == stats.n_tokens
         assert layer.n_q > 0 or layer.oq_ratio == 1.0  # rho < 1 buys 4-bit tokens
     last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
     assert np.isfinite(np.ctypeslib.as_array(last, shape=(llm.n_vocab(),))).all()
@@ -142,8 +142,8 @@ def test_n_ctx_is_the_window_asked_for() -> None:
 class NamesAGhostSlot(Policy):
     """A broken custom policy: its plan names an O slot that does not exist."""
 
-    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        return view.layers[layer].pos_o * 1.0, view.layers[layer].pos_q * 1.0
+    def scores(self, view: KVView, layer: int) -> np.ndarray:
+        return view.layers[layer].pos * 1.0
 
     def plan(self, view: KVView, budget: object, room: int) -> list[LayerPlan]:
         plans = super().plan(view, budget, room)  # type: ignore[arg-type]
@@ -181,13 +181,14 @@ def test_the_custom_policy_example_runs(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "custom_policy", example)  # @dataclass looks it up
     spec.loader.exec_module(example)
     path = tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
-    llm = Llama(path, kv_policy=example.Recency(o_share=0.25), kv_budget=200, verbose=False)
+    llm = Llama(path, kv_policy=example.Recency(o_share=0.25), kv_budget=200, verbose=False,
+                kv_spill=None)  # evicted for good: a recall would rank by attention
     llm.eval([t % 250 for t in range(900)])
     stats = llm.kv_stats()
     assert stats.bytes_used <= stats.bytes_budget and stats.n_tailorings > 0
     for layer in stats.layers:
         assert layer.oq_ratio == 0.25 and layer.n_q > layer.n_o  # mostly 4-bit, as asked
-    pos_o, pos_q = llm._tailor.kv.positions()
+    pos_o, pos_q, _ = llm._tailor.kv.positions()
     first = stats.layers[0]
     sinks = llm._tailor.policy.sinks  # the first tokens stay in f16 (4, the default)
     assert sinks == 4 and set(range(sinks)) <= set(pos_o[0][: first.n_o, 0].tolist())
@@ -224,8 +225,8 @@ class SeesStats(Policy):
         SEEN_STATS.append(view.stats)
         return np.ones(len(view.layers))
 
-    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        return view.layers[layer].pos_o * 1.0, view.layers[layer].pos_q * 1.0
+    def scores(self, view: KVView, layer: int) -> np.ndarray:
+        return view.layers[layer].pos * 1.0
 
 
 SEEN_STATS: list[np.ndarray | None] = []

@@ -19,6 +19,7 @@ from arkv_local.policies import (
     make_policy,
 )
 from arkv_local.policies.scores import heavy_hitter, oq_ratios, smooth_by_position
+from arkv_local.policies.types import POOL_O, POOL_Q
 
 
 def test_oq_ratios_by_hand() -> None:
@@ -78,8 +79,8 @@ BUDGET = Budget(layer_bytes=100, slot_o=10, slot_q=3, align=1)
 class ByMass(Policy):
     """Importance = the attention mass as given (no smoothing), for exact expectations."""
 
-    def scores(self, view: KVView, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return view.layers[i].mass_o, view.layers[i].mass_q
+    def scores(self, view: KVView, i: int) -> np.ndarray:
+        return view.layers[i].mass
 
 
 class Half(ByMass):
@@ -101,7 +102,7 @@ def test_plan_keeps_window_and_heavy_hitters_then_quantizes_then_evicts() -> Non
     assert plan.o_src[:, 1].tolist() == [0, 4, 5, 6, 7]
     # the other 3 tokens of each head fit in Q (13 slots), in position order, from O
     assert plan.q_src[:, 0].tolist() == [0, 2, 4] and plan.q_src[:, 1].tolist() == [1, 2, 3]
-    assert plan.q_from_o.all()
+    assert (plan.q_from == POOL_O).all()
 
 
 def test_plan_evicts_what_the_bytes_do_not_buy() -> None:
@@ -127,7 +128,7 @@ def test_quantized_tokens_never_return_to_o() -> None:
     (plan,) = Half(window=2, sinks=0, slack=1).plan(view, Budget(50, 10, 3, align=1),
                                                     room=1)
     assert plan.o_src[:, 0].tolist() == [0, 2, 3]  # O slots 0, 2, 3 = positions 1, 3, 4
-    assert plan.q_src[:, 0].tolist() == [0, 1] and plan.q_from_o[:, 0].tolist() == [False, True]
+    assert plan.q_src[:, 0].tolist() == [0, 1] and plan.q_from[:, 0].tolist() == [POOL_Q, POOL_O]
 
 
 def test_sinks_stay_in_o() -> None:
@@ -172,14 +173,14 @@ def test_heavy_hitter_ema_blends_scores_by_position() -> None:
         return smooth_by_position(raw, lv.pos_o[:, 0])
 
     policy = H2O(gamma=0.8, ema=0.25)
-    s1, _ = policy.scores(KVView([first], 2, 1, None, 3), 0)
+    s1 = policy.scores(KVView([first], 2, 1, None, 3), 0)
     np.testing.assert_allclose(s1[:, 0], hh(first))  # nothing to remember yet
-    s2, _ = policy.scores(KVView([second], 2, 1, None, 5), 0)
+    s2 = policy.scores(KVView([second], 2, 1, None, 5), 0)
     want = hh(second)
     want[:3] = 0.25 * hh(first)[1:] + 0.75 * want[:3]  # positions 1-3 were scored before
     np.testing.assert_allclose(s2[:, 0], want)
     policy.reset()  # a new sequence forgets
-    s3, _ = policy.scores(KVView([second], 2, 1, None, 5), 0)
+    s3 = policy.scores(KVView([second], 2, 1, None, 5), 0)
     np.testing.assert_allclose(s3[:, 0], hh(second))
     with pytest.raises(ValueError, match="ema must be in"):
         H2O(ema=1.0)
@@ -249,5 +250,4 @@ def test_h2o_and_arkv_share_the_heavy_hitter_score() -> None:
     lv = layer(pos, mass)
     lv = LayerView(lv.pos_o, lv.pos_q, lv.mass_o, lv.mass_o**2 * 3, lv.mass_q, lv.mass_q)
     view = KVView([lv], 4, 2, None, 11)  # 8 samples: the variance term counts
-    for a, b in zip(H2O().scores(view, 0), ARKV().scores(view, 0), strict=True):
-        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(H2O().scores(view, 0), ARKV().scores(view, 0))

@@ -67,7 +67,7 @@ class Expected:
             self.o[li] = o[p.o_src, heads] if len(p.o_src) else o[:0]
             q_new = np.empty(p.q_src.shape, np.int64)
             for i, j in np.ndindex(p.q_src.shape):
-                q_new[i, j] = (o if p.q_from_o[i, j] else q)[p.q_src[i, j], j]
+                q_new[i, j] = (o if p.q_from[i, j] else q)[p.q_src[i, j], j]
             self.q[li] = q_new
             self.cap_o[li] = p.cap_o
         self.pending = None
@@ -133,7 +133,7 @@ class Walk:
         return self.rng.integers(0, self.n_vocab, n).tolist()
 
     def snapshot(self) -> tuple[list, list, list]:
-        pos_o, pos_q = self.mem.positions()
+        pos_o, pos_q, _ = self.mem.positions()
         return self.mem.layers(), [a.copy() for a in pos_o], [a.copy() for a in pos_q]
 
     def assert_unchanged(self, before: tuple[list, list, list]) -> None:
@@ -333,7 +333,7 @@ class Walk:
     def check(self) -> None:
         e, mem = self.exp, self.mem
         infos = mem.layers()
-        pos_o, pos_q = mem.positions()
+        pos_o, pos_q, _ = mem.positions()
         assert self.llm.n_tokens == e.pos_max + 1
         assert llama_cpp.llama_memory_seq_pos_max(self.memory, 0) == e.pos_max
         assert llama_cpp.llama_memory_seq_pos_min(self.memory, 0) == e.pos_min()

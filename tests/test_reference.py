@@ -232,7 +232,7 @@ def per_head_plan(mem: TriStateKV, rng: np.random.Generator, counts: list[tuple[
     """Per layer (n_o, n_q) = counts[l]: each KV head keeps its own random n_o rows in O and
     quantizes its own random n_q others (in random order), evicting the rest.
     Returns the plan and the positions kept (O and Q) and quantized per layer and head."""
-    pos_o, _ = mem.positions()
+    pos_o, _, _ = mem.positions()
     plan, keep, quantized = [], [], []
     for layer, (info, (n_o, n_q)) in enumerate(zip(mem.layers(), counts, strict=True)):
         o_src = np.zeros((n_o, mem.n_head_kv), np.int32)
@@ -248,13 +248,13 @@ def per_head_plan(mem: TriStateKV, rng: np.random.Generator, counts: list[tuple[
     return plan, keep, quantized
 
 
-def open_memory(path: Path, flash_attn: bool = False,
-                attn: str = "auto") -> tuple[llama_cpp.Llama, TriStateKV]:
+def open_memory(path: Path, flash_attn: bool = False, attn: str = "auto",
+                cap_s: int = 0) -> tuple[llama_cpp.Llama, TriStateKV]:
     """A context whose tri-state memory holds BUDGET f16 tokens per layer, without rotation so
     that the cache holds K and V in the model's own basis, as the reference does."""
     # K+V f16 bytes of one token of one layer: 2 * 2 bytes * (rows of attn_k = n_head_kv * D)
     budget = BUDGET * 4 * load_model(str(path))[0]["blk.0.attn_k.weight"].shape[0]
-    params = MemoryParams(budget, rotate=False, attn=attn)
+    params = MemoryParams(budget, rotate=False, attn=attn, cap_s=cap_s)
     llm = open_llama(str(path), params, **CTX, flash_attn=flash_attn)
     return llm, TriStateKV(llm.ctx)
 
@@ -273,7 +273,7 @@ def run_plan(path: Path, attn: str, counts: list[tuple[int, int]], cap_o: int, s
         llm.eval(tokens[t:t + step])  # every query of these small ubatches is scored
     logits = llm.scores[N_PAST:N_PAST + N_NEXT].astype(np.float64)
     # the plan's rows landed where it said, per head; the new tokens follow in O
-    pos_o, pos_q = mem.positions()
+    pos_o, pos_q, _ = mem.positions()
     new = list(range(N_PAST, N_PAST + N_NEXT))
     for layer, (info, (n_o, n_q)) in enumerate(zip(mem.layers(), counts, strict=True)):
         assert (info.n_o, info.n_q) == (n_o + N_NEXT, n_q)
@@ -285,8 +285,9 @@ def run_plan(path: Path, attn: str, counts: list[tuple[int, int]], cap_o: int, s
 
 
 def cache_rows(llm: llama_cpp.Llama, mem: TriStateKV) -> list[dict[str, np.ndarray]]:
-    """Per layer, the rows in use as the sequence state holds them (ARKV state version 2):
-    pos_o/pos_q (n, H) positions, k_o/v_o (n, H, D) f16, k_q/v_q (n, H, D/32, 18) Q4_0 blocks."""
+    """Per layer, the rows in use as the sequence state holds them (ARKV state version 3):
+    pos_o/pos_q/pos_s (n, H) positions, k_o/v_o (n, H, D) f16, k_q/v_q and k_s/v_s
+    (n, H, D/32, 18) Q4_0 blocks."""
     size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
     buf = (ctypes.c_uint8 * size)()
     assert llama_cpp.llama_state_seq_get_data(llm.ctx, buf, size, 0) == size
@@ -299,21 +300,25 @@ def cache_rows(llm: llama_cpp.Llama, mem: TriStateKV) -> list[dict[str, np.ndarr
         return a
 
     magic, version, n_layer, n_kv, d, _ = take(np.uint32, 6)
-    assert (magic, version) == (0x564B5241, 2), "not the ARKV state format this test reads"
+    assert (magic, version) == (0x564B5241, 3), "not the ARKV state format this test reads"
     assert (n_layer, n_kv, d) == (mem.n_layer, mem.n_head_kv, mem.head_dim)
     take(np.uint64, 1)  # arena bytes
     take(np.int32, 2)  # pos_max, pos_planned_max
     take(np.uint32, 1)  # queries scored since the last plan
     layers = []
     for _ in range(n_layer):
-        _, n_o, n_q = take(np.uint32, 3)
-        rows = {"pos_o": take(np.int32, n_o, n_kv), "pos_q": take(np.int32, n_q, n_kv)}
+        _, n_o, n_q, n_s = take(np.uint32, 4)
+        rows = {"pos_o": take(np.int32, n_o, n_kv), "pos_q": take(np.int32, n_q, n_kv),
+                "pos_s": take(np.int32, n_s, n_kv)}
         rows["k_o"], rows["v_o"] = take(np.float16, n_o, n_kv, d), take(np.float16, n_o, n_kv, d)
         rows["k_q"] = take(np.uint8, n_q, n_kv, d // 32, 18)
         rows["v_q"] = take(np.uint8, n_q, n_kv, d // 32, 18)
-        for _ in range(2):  # score sums of O and Q rows, then squared sums
-            take(np.float32, n_o, n_kv)
-            take(np.float32, n_q, n_kv)
+        rows["k_s"] = take(np.uint8, n_s, n_kv, d // 32, 18)
+        rows["v_s"] = take(np.uint8, n_s, n_kv, d // 32, 18)
+        for _ in range(2):  # score sums of O, Q and S rows, then squared sums
+            rows.setdefault("sum_o", []).append(take(np.float32, n_o, n_kv))
+            rows.setdefault("sum_q", []).append(take(np.float32, n_q, n_kv))
+            rows.setdefault("sum_s", []).append(take(np.float32, n_s, n_kv))
         layers.append(rows)
     assert off == len(data)
     return layers
@@ -404,7 +409,7 @@ def test_scores_sum_the_decoded_queries_attention(tiny_llama: Path, attn: str, s
     _, probs = reference_forward(tiny_llama, tokens, keep, N_NEXT, quantized, not flash_attn)
     scores = mem.scores()
     assert scores.n_queries == N_NEXT
-    pos_o, pos_q = mem.positions()
+    pos_o, pos_q, _ = mem.positions()
     n_kv = mem.n_head_kv
     for layer, info in enumerate(mem.layers()):
         p = probs[layer][N_PAST:].reshape(N_NEXT, n_kv, -1, N_PAST + N_NEXT)  # (t, kv, group, s)

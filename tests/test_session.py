@@ -30,7 +30,7 @@ def record_plans(monkeypatch: pytest.MonkeyPatch) -> dict[int, list]:
 
     def submit(self: TriStateKV, plan: list) -> None:
         plans.setdefault(self.ctx, []).append(
-            [(p.cap_o, p.o_src.tolist(), p.q_src.tolist(), p.q_from_o.tolist()) for p in plan])
+            [(p.cap_o, p.o_src.tolist(), p.q_src.tolist(), p.q_from.tolist()) for p in plan])
         original(self, plan)
 
     monkeypatch.setattr(TriStateKV, "submit", submit)
@@ -153,9 +153,8 @@ class StatsOnly(Policy):
 
     needs_stats = True
 
-    def scores(self, view: object, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        lv = view.layers[layer]  # type: ignore[attr-defined]
-        return lv.pos_o * 1.0, lv.pos_q * 1.0
+    def scores(self, view: object, layer: int) -> np.ndarray:
+        return view.layers[layer].pos * 1.0  # type: ignore[attr-defined]
 
 
 def test_a_policy_reading_statistics_gets_them(tiny: str) -> None:

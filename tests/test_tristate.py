@@ -56,7 +56,7 @@ def heads(slots: np.ndarray, n_head_kv: int) -> np.ndarray:
 
 def evict_plan(mem: TriStateKV, evict: set[int]) -> list[LayerPlan]:
     """Drop the given positions from O in every layer and head (nothing quantized)."""
-    pos_o, _ = mem.positions()
+    pos_o, _, _ = mem.positions()
     plan = []
     for layer, info in enumerate(mem.layers()):
         keep = [s for s in range(info.n_o) if pos_o[layer][s, 0] not in evict]
@@ -149,7 +149,7 @@ def test_eviction_matches_stock_seq_rm(smollm2: Path, tokens: list[int], flash_a
     assert kld(ref, got) < 0.01 and same_top(ref, got) >= 0.9
     expected = N_PROMPT - len(evict) + n_next
     assert [i.n_o for i in mem.layers()] == [expected] * mem.n_layer
-    pos_o, _ = mem.positions()
+    pos_o, _, _ = mem.positions()
     kept = sorted(set(range(N_PROMPT + n_next)) - evict)
     assert pos_o[0][:expected, 0].tolist() == kept
 
@@ -174,7 +174,7 @@ def test_quantized_plan_kld_within_stock_q4_0(smollm2: Path, tokens: list[int]) 
     assert k_ours <= 1.5 * k_stock, (k_ours, k_stock)
     layer = mem.layers()[0]
     assert (layer.cap_o, layer.n_o, layer.n_q) == (512, 32 + n_next, N_PROMPT - 32)
-    pos_o, pos_q = mem.positions()
+    pos_o, pos_q, _ = mem.positions()
     assert sorted(pos_q[0][:layer.n_q, 1].tolist()) == list(range(N_PROMPT - 32))
     assert pos_o[0][:layer.n_o, 0].tolist() == list(range(N_PROMPT - 32, N_PROMPT + n_next))
 

@@ -228,10 +228,12 @@ def section_sched(out: Path) -> dict[str, Any]:
 
 
 def section_reference() -> dict[str, Any]:
-    """tests/test_reference.py (the numpy reference) with every layer offloaded."""
+    """tests/test_reference.py (the numpy reference) and tests/test_spill.py's memory checks
+    (spill and recall against a cache that never spilled) with every layer offloaded."""
     env = dict(os.environ, ARKV_TEST_N_GPU_LAYERS="99")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/test_reference.py", "--timeout=300", "-k", "not smollm2"],  # no hub
+                        "tests/test_reference.py", "tests/test_spill.py", "--timeout=300",
+                        "-k", "not smollm2 and not pass_keys and not errors"],  # no hub model
                        env=env, capture_output=True, text=True, cwd=ROOT)
     return dict(rc=r.returncode, tail=r.stdout[-3000:])
 

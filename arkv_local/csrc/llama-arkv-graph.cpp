@@ -32,45 +32,48 @@ static uint32_t arkv_pad_rows(uint32_t n, uint32_t cap) {
 //
 
 bool llama_kv_cache_arkv::layout::operator==(const layout & other) const {
-    if (n_old != other.n_old || n_mask != other.n_mask || stats != other.stats || pools != other.pools ||
+    if (n_old != other.n_old || n_mask != other.n_mask || stats != other.stats || recall != other.recall || pools != other.pools ||
         views.size() != other.views.size()) {
         return false;
     }
     for (size_t i = 0; i < views.size(); ++i) {
         const auto & a = views[i];
         const auto & b = other.views[i];
-        if (a.n_lo != b.n_lo || a.n_o_pad != b.n_o_pad || a.start != b.start) {
+        if (a.n_lo != b.n_lo || a.n_s != b.n_s || a.n_o_pad != b.n_o_pad || a.start != b.start) {
             return false;
         }
     }
     return true;
 }
 
-// layer l reads [LO rows | O rows (old, then the ubatch's new ones, then padding)]. All layers share one
-// mask [n_mask, n_tokens]: columns < n_old are visible, then the new tokens (causal), then masked. Layer l
-// uses the window starting at start_l = n_old - (n_q_l + n_o_old_l); while tokens are appended, start_l
-// and the window width stay constant, so the graph can be reused.
+// layer l reads [LO rows | S rows (recall passes) | O rows (old, then the ubatch's new ones, then padding)].
+// All layers share one mask [n_mask, n_tokens]: columns < n_old are visible, then the new tokens (causal),
+// then masked. Layer l uses the window starting at start_l = n_old - (n_q_l + n_s_l + n_o_old_l); while
+// tokens are appended, start_l and the window width stay constant, so the graph can be reused.
 llama_kv_cache_arkv::layout llama_kv_cache_arkv::make_layout(uint32_t n_tokens, bool worst_case) const {
     layout lay;
     lay.pools = pools_generation;
+    lay.recall = recall && !worst_case;
     lay.views.resize(layers.size());
     for (size_t i = 0; i < layers.size(); ++i) {
         const auto & l = layers[i];
         auto & v = lay.views[i];
         v.n_lo     = worst_case ? l.cap_lo : l.n_lo;
         v.n_lo_pad = arkv_pad_rows(v.n_lo, l.cap_lo);
+        v.n_s      = lay.recall ? l.n_s : 0;
         v.n_o     = worst_case ? l.cap_o : l.n_o;
         v.n_o_pad = worst_case ? l.cap_o : arkv_pad_rows(l.n_o, l.cap_o);
         const uint32_t n_o_old = v.n_o >= n_tokens ? v.n_o - n_tokens : 0;
-        lay.n_old = std::max(lay.n_old, v.n_lo + n_o_old);
+        lay.n_old = std::max(lay.n_old, v.n_lo + v.n_s + n_o_old);
         lay.n_lo_max   = std::max(lay.n_lo_max, v.n_lo);
+        lay.n_deq_max  = std::max({ lay.n_deq_max, v.n_lo, v.n_s });
         lay.lo_pad_max = std::max(lay.lo_pad_max, v.n_lo_pad - v.n_lo);
     }
     for (size_t i = 0; i < layers.size(); ++i) {
         auto & v = lay.views[i];
         const uint32_t n_o_old = v.n_o >= n_tokens ? v.n_o - n_tokens : 0;
-        v.start = lay.n_old - (v.n_lo + n_o_old);
-        lay.n_mask = std::max(lay.n_mask, v.start + v.n_lo + v.n_o_pad);
+        v.start = lay.n_old - (v.n_lo + v.n_s + n_o_old);
+        lay.n_mask = std::max(lay.n_mask, v.start + v.n_lo + v.n_s + v.n_o_pad);
     }
     return lay;
 }
@@ -86,7 +89,7 @@ void llama_kv_cache_arkv::apply_ubatch(const llama_ubatch & ubatch) {
     for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
         pos_max = std::max(pos_max, ubatch.pos[i]);
     }
-    n_scored += std::min(ubatch.n_tokens, params.n_score_queries);
+    n_scored += recall ? ubatch.n_tokens : std::min(ubatch.n_tokens, params.n_score_queries);
 }
 
 ggml_tensor * llama_kv_cache_arkv::build_input_rot(ggml_context * ctx, int64_t n) const {
@@ -194,11 +197,14 @@ void llama_kv_cache_arkv::build_stats(ggml_context * ctx0, ggml_cgraph * gf, con
 // which attention a layer builds for a ubatch
 llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_graph_context & gctx, const layer & l,
                                                                      const view & v, int64_t n_tokens, bool stats) const {
-    if (v.n_lo == 0) {
+    if (v.n_lo == 0 && v.n_s == 0) {
         return ATTN_STOCK; // only O rows: llama.cpp's attention, bit-exact with the stock cache
     }
-    if (n_tokens > ARKV_DECODE_MAX_TOKENS || stats || gctx.hparams.attn_soft_cap || params.attn == LLAMA_ARKV_ATTN_DEQUANT) {
-        return ATTN_DEQUANT; // prefill amortizes dequantizing over many queries; statistics need the full softmax
+    if (n_tokens > ARKV_DECODE_MAX_TOKENS || stats || v.n_s > 0 || gctx.hparams.attn_soft_cap ||
+        params.attn == LLAMA_ARKV_ATTN_DEQUANT) {
+        // prefill amortizes dequantizing over many queries; statistics need the full softmax; a recall pass
+        // reads the spilled rows once, from host memory
+        return ATTN_DEQUANT;
     }
     if (params.attn == LLAMA_ARKV_ATTN_AUTO && llama_arkv_attn_cpu_available() && ggml_backend_buffer_is_host(l.k_arena->buffer)) {
         return ATTN_FUSED_CPU;
@@ -228,19 +234,28 @@ ggml_tensor * llama_kv_cache_arkv::pool_heads(ggml_context * ctx0, ggml_tensor *
     return ggml_permute(ctx0, t, 0, 2, 1, 3);
 }
 
-// [LO rows dequantized to f16 | O rows] as [D, H, n_kv], for llama.cpp's attention
+// [LO rows dequantized to f16 | S rows dequantized (recall passes) | O rows] as [D, H, n_kv], for llama.cpp's attention
 ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const llm_graph_input_attn_kv_arkv * inp,
-                                                      const view & v, ggml_tensor * pool_o, ggml_tensor * pool_q) const {
+                                                      const view & v, ggml_tensor * pool_o, ggml_tensor * pool_lo,
+                                                      ggml_tensor * pool_s) const {
     const int64_t D = head_dim_;
     const int64_t H = n_head_kv_;
-    if (v.n_lo == 0) {
+    if (v.n_lo == 0 && v.n_s == 0) {
         return ggml_view_3d(ctx0, pool_o, D, H, v.n_o_pad, ggml_row_size(pool_o->type, D), pool_o->nb[1], 0);
     }
-    ggml_tensor * o = ggml_view_2d(ctx0, pool_o, D*H, v.n_o_pad, pool_o->nb[1], 0);
-    ggml_tensor * q_rows = ggml_view_2d(ctx0, pool_q, D*H, v.n_lo, pool_q->nb[1], 0);
-    ggml_tensor * ar = ggml_view_1d(ctx0, inp->lo_arange, v.n_lo, 0);
-    ggml_tensor * deq = ggml_cast(ctx0, ggml_get_rows(ctx0, q_rows, ar), GGML_TYPE_F16);
-    return ggml_reshape_3d(ctx0, ggml_concat(ctx0, deq, o, 1), D, H, v.n_lo + v.n_o_pad);
+    auto deq = [&](ggml_tensor * pool, uint32_t n) {
+        ggml_tensor * rows = ggml_view_2d(ctx0, pool, D*H, n, pool->nb[1], 0);
+        ggml_tensor * ar = ggml_view_1d(ctx0, inp->lo_arange, n, 0);
+        return ggml_cast(ctx0, ggml_get_rows(ctx0, rows, ar), GGML_TYPE_F16);
+    };
+    ggml_tensor * kv = ggml_view_2d(ctx0, pool_o, D*H, v.n_o_pad, pool_o->nb[1], 0);
+    if (v.n_s > 0) {
+        kv = ggml_concat(ctx0, deq(pool_s, v.n_s), kv, 1);
+    }
+    if (v.n_lo > 0) {
+        kv = ggml_concat(ctx0, deq(pool_lo, v.n_lo), kv, 1);
+    }
+    return ggml_reshape_3d(ctx0, kv, D, H, v.n_lo + v.n_s + v.n_o_pad);
 }
 
 // attention probabilities of the last n_sel queries over [LO rows | O rows]: F32 [n_kv, n_sel, n_head]
@@ -287,8 +302,10 @@ void llama_kv_cache_arkv::build_scores(ggml_context * ctx0, ggml_cgraph * gf, co
     };
     accumulate(l.acc_lo, s1, 0, 0, v.n_lo);
     accumulate(l.acc_lo, s2, 1, 0, v.n_lo);
-    accumulate(l.acc_o, s1, 0, v.n_lo, v.n_o_pad);
-    accumulate(l.acc_o, s2, 1, v.n_lo, v.n_o_pad);
+    accumulate(l.acc_s, s1, 0, v.n_lo, v.n_s);
+    accumulate(l.acc_s, s2, 1, v.n_lo, v.n_s);
+    accumulate(l.acc_o, s1, 0, v.n_lo + v.n_s, v.n_o_pad);
+    accumulate(l.acc_o, s2, 1, v.n_lo + v.n_s, v.n_o_pad);
 }
 
 // two flash attentions, over the LO rows as they lie (ggml-cuda's and Metal's vector kernels read q4_0) and
@@ -343,8 +360,9 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
     const auto & l = layers[ikv];
     const auto & v = inp->lay.views[ikv];
     const int64_t n_tokens = q_cur->ne[2];
-    const int64_t n_kv  = v.n_lo + v.n_o_pad;
-    const int64_t n_sel = std::min<int64_t>(n_tokens, params.n_score_queries);
+    const int64_t n_kv  = v.n_lo + v.n_s + v.n_o_pad;
+    // a recall pass scores all its queries (the question), whatever the policy reads otherwise
+    const int64_t n_sel = inp->lay.recall ? n_tokens : std::min<int64_t>(n_tokens, params.n_score_queries);
 
     ggml_tensor * k_o;
     ggml_tensor * v_o;
@@ -375,14 +393,14 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
     }
 
     // ATTN_STOCK / ATTN_DEQUANT: llama.cpp's attention over f16 K/V
-    ggml_tensor * k = build_read_dequant(ctx0, inp, v, k_o, l.k_lo);
-    ggml_tensor * vv = build_read_dequant(ctx0, inp, v, v_o, l.v_lo);
+    ggml_tensor * k = build_read_dequant(ctx0, inp, v, k_o, l.k_lo, l.k_s);
+    ggml_tensor * vv = build_read_dequant(ctx0, inp, v, v_o, l.v_lo, l.v_s);
     inp->self_kq_mask_cnv = mask; // read by build_attn right after this hook, for this layer
 
     if (n_sel > 0) {
         ggml_tensor * p = build_probs(ctx0, q_cur, nullptr, ggml_permute(ctx0, k, 0, 2, 1, 3), mask, kq_scale, n_sel);
         if (inp->lay.stats) {
-            build_stats(ctx0, gf, l, p, v.n_lo + v.n_o - n_tokens + (n_tokens - n_sel));
+            build_stats(ctx0, gf, l, p, v.n_lo + v.n_s + v.n_o - n_tokens + (n_tokens - n_sel));
         }
         build_scores(ctx0, gf, l, v, p);
     }
@@ -448,10 +466,12 @@ llm_graph_input_attn_kv * llama_arkv_build_attn_inp(const llm_graph_context & gc
     ggml_set_input(inp->self_k_idxs);
     ggml_set_name(inp->self_k_idxs, "arkv_inp_k_idxs");
 
-    if (inp->lay.n_lo_max > 0) {
-        inp->lo_arange = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, inp->lay.n_lo_max);
+    if (inp->lay.n_deq_max > 0) {
+        inp->lo_arange = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, inp->lay.n_deq_max);
         ggml_set_input(inp->lo_arange);
         ggml_set_name(inp->lo_arange, "arkv_inp_lo_rows");
+    }
+    if (inp->lay.n_lo_max > 0) {
         if (n_tokens <= ARKV_DECODE_MAX_TOKENS) {
             inp->lo_mask = ggml_new_tensor_2d(ctx0, GGML_TYPE_F16, inp->lay.n_lo_max + inp->lay.lo_pad_max, n_tokens);
             ggml_set_input(inp->lo_mask);
@@ -489,5 +509,5 @@ ggml_tensor * llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph
 
 uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem) {
     const auto * kv = dynamic_cast<const llama_kv_cache_arkv *>(mem);
-    return kv ? 96*kv->n_layer() : 0; // store, dequant + concat, mask window, scores, statistics: ~75 per layer
+    return kv ? 112*kv->n_layer() : 0; // store, dequant + concat (LO, S), mask window, scores, statistics: ~85 per layer
 }

@@ -1,6 +1,7 @@
-// Tri-state KV memory (ARKV): plans. A plan (from Python) says, per layer and KV head, which rows stay
-// in O, which go to Q (quantized now, or moved as they are) and, by omission, which are evicted; it is
-// validated when submitted and applied before the next decode as a graph of gathers and scatters.
+// Tri-state KV memory (ARKV): plans. A plan (from Python) says, per layer and KV head, which rows go to
+// O, to Q (quantized now, or moved as they are) and to S (spilled to host memory) and, by omission, which
+// are evicted; it is validated when submitted and applied before the next decode as a graph of gathers and
+// scatters.
 
 #include "llama-kv-cache-arkv.h"
 
@@ -10,7 +11,11 @@
 #include <string>
 #include <vector>
 
-static constexpr size_t ARKV_PLAN_NODES_PER_LAYER = 64; // per arena: 6 views, 3 gathers, 2 concats, 3 views, 3 scatters
+static constexpr size_t ARKV_PLAN_NODES_PER_LAYER = 160; // per arena: up to 9 moves of a reshape, gather, concat, view, reshape and scatter
+
+static const char * arkv_pool_name(int pool) {
+    return pool == LLAMA_ARKV_POOL_O ? "O" : pool == LLAMA_ARKV_POOL_Q ? "Q" : "S";
+}
 
 //
 // plans
@@ -34,38 +39,47 @@ std::string llama_kv_cache_arkv::submit_plan(const llama_arkv_layer_plan * plans
             return where + "n_q = " + std::to_string(p.n_q) + " exceeds the " + std::to_string(cap_lo_for(p.cap_o)) +
                    " Q slots left by cap_o = " + std::to_string(p.cap_o);
         }
-        if ((p.n_o > 0 && !p.o_src) || (p.n_q > 0 && (!p.q_src || !p.q_from_o))) {
+        if (p.n_s > l.cap_s) {
+            return where + "n_s = " + std::to_string(p.n_s) + " exceeds the " + std::to_string(l.cap_s) + " spill slots";
+        }
+        if ((p.n_o > 0 && !p.o_src) || (p.n_q > 0 && (!p.q_src || !p.q_from)) || (p.n_s > 0 && (!p.s_src || !p.s_from))) {
             return where + "missing source arrays";
         }
         layer_move m;
-        m.ikv = ikv; m.cap_o = p.cap_o; m.n_o = p.n_o; m.n_lo = p.n_q;
-        m.o_src.assign(p.o_src, p.o_src + (size_t) p.n_o*H);
-        m.lo_src.assign(p.q_src, p.q_src + (size_t) p.n_q*H);
-        m.lo_from_o.assign(p.q_from_o, p.q_from_o + (size_t) p.n_q*H);
-        for (uint32_t h = 0; h < H; ++h) {
-            std::vector<uint8_t> used_o(l.n_o, 0), used_lo(l.n_lo, 0);
-            auto take = [&](bool from_o, int32_t s) -> std::string {
-                const uint32_t n = from_o ? l.n_o : l.n_lo;
-                if (s < 0 || (uint32_t) s >= n) {
-                    return where + "head " + std::to_string(h) + " names " + (from_o ? "O" : "Q") + " slot " +
-                           std::to_string(s) + ", which is not in use (" + std::to_string(n) + " in use)";
-                }
-                auto & used = from_o ? used_o : used_lo;
-                if (used[s]) {
-                    return where + "head " + std::to_string(h) + " names " + (from_o ? "O" : "Q") + " slot " +
-                           std::to_string(s) + " twice";
-                }
-                used[s] = 1;
-                return "";
-            };
-            for (uint32_t s = 0; s < p.n_o; ++s) {
-                if (auto err = take(true, m.o_src[s*H + h]); !err.empty()) {
-                    return err;
-                }
+        m.ikv = ikv;
+        m.cap_o = p.cap_o;
+        const uint32_t  n[3]    = { p.n_q, p.n_o, p.n_s };
+        const int32_t * src[3]  = { p.q_src, p.o_src, p.s_src };
+        const uint8_t * from[3] = { p.q_from, p.o_from, p.s_from };
+        for (int dst = 0; dst < 3; ++dst) {
+            m.n[dst] = n[dst];
+            m.src[dst].assign(src[dst], src[dst] + (size_t) n[dst]*H);
+            if (from[dst]) {
+                m.from[dst].assign(from[dst], from[dst] + (size_t) n[dst]*H);
+            } else {
+                m.from[dst].assign((size_t) n[dst]*H, LLAMA_ARKV_POOL_O);
             }
-            for (uint32_t s = 0; s < p.n_q; ++s) {
-                if (auto err = take(m.lo_from_o[s*H + h] != 0, m.lo_src[s*H + h]); !err.empty()) {
-                    return err;
+        }
+        const uint32_t n_old[3] = { l.n_lo, l.n_o, l.n_s };
+        for (uint32_t h = 0; h < H; ++h) {
+            std::vector<uint8_t> used[3] = { std::vector<uint8_t>(l.n_lo, 0), std::vector<uint8_t>(l.n_o, 0),
+                                             std::vector<uint8_t>(l.n_s, 0) };
+            for (int dst = 0; dst < 3; ++dst) {
+                for (uint32_t i = 0; i < m.n[dst]; ++i) {
+                    const uint8_t pool = m.from[dst][i*H + h];
+                    const int32_t slot = m.src[dst][i*H + h];
+                    if (pool > LLAMA_ARKV_POOL_S) {
+                        return where + "head " + std::to_string(h) + " names pool " + std::to_string(pool) + " (0: Q, 1: O, 2: S)";
+                    }
+                    if (slot < 0 || (uint32_t) slot >= n_old[pool]) {
+                        return where + "head " + std::to_string(h) + " names " + arkv_pool_name(pool) + " slot " +
+                               std::to_string(slot) + ", which is not in use (" + std::to_string(n_old[pool]) + " in use)";
+                    }
+                    if (used[pool][slot]) {
+                        return where + "head " + std::to_string(h) + " names " + arkv_pool_name(pool) + " slot " +
+                               std::to_string(slot) + " twice";
+                    }
+                    used[pool][slot] = 1;
                 }
             }
         }
@@ -102,60 +116,69 @@ struct llama_kv_cache_arkv::plan_inputs {
     }
 };
 
-// one layer's moves from lo's pools into ln's. Per arena, the kept rows (f16 O rows, dequantized LO rows) are
+// a layer's K (v = false) or V pool, by llama_arkv_pool
+ggml_tensor * llama_kv_cache_arkv::pool_of(const layer & l, int pool, bool v) const {
+    switch (pool) {
+        case LLAMA_ARKV_POOL_Q: return v ? l.v_lo : l.k_lo;
+        case LLAMA_ARKV_POOL_O: return v ? l.v_o : l.k_o;
+        default:                return v ? l.v_s : l.k_s;
+    }
+}
+
+// one layer's moves from lo's pools into ln's. Per arena, the moved rows (f16 O rows, dequantized Q/S rows) are
 // gathered and joined into one staging tensor, and every scatter reads its rows from that staging tensor:
 // the graph's own edges order all reads of the old layout before any write of the new one (the two overlap
-// in the arena), whatever order a backend runs independent nodes in. LO rows re-quantize to the same bytes:
-// a Q4_0/Q4_1/Q8_0 row's extreme value maps back to its scale.
+// in the arena), whatever order a backend runs independent nodes in. A row whose bytes stay where they are
+// (same pool type, same address: an S row left in its slot, an O row in its slot) is not moved at all.
+// Quantized rows re-quantize to the same bytes: a Q4_0/Q4_1/Q8_0 row's extreme value maps back to its scale.
 void llama_kv_cache_arkv::build_plan_moves(ggml_context * ctx, ggml_cgraph * gf, plan_inputs & in, const layer & lo,
                                            const layer & ln, const layer_move & m) const {
     const uint32_t H = n_head_kv_;
     const int64_t  D = head_dim_;
 
-    // row r of a pool viewed as [D, H*cap] is (slot r/H, head r%H)
-    std::vector<int64_t> o_keep, o_dst, quant_src, quant_dst, move_src, move_dst;
-    for (uint32_t s = 0; s < m.n_o; ++s) {
-        for (uint32_t h = 0; h < H; ++h) {
-            o_keep.push_back((int64_t) m.o_src[s*H + h]*H + h);
-            o_dst.push_back((int64_t) s*H + h);
-        }
-    }
-    for (uint32_t s = 0; s < m.n_lo; ++s) {
-        for (uint32_t h = 0; h < H; ++h) {
-            const bool from_o = m.lo_from_o[s*H + h];
-            (from_o ? quant_src : move_src).push_back((int64_t) m.lo_src[s*H + h]*H + h);
-            (from_o ? quant_dst : move_dst).push_back((int64_t) s*H + h);
+    // row r of a pool viewed as [D, H*cap] is (slot r/H, head r%H); moves grouped by (source, destination) pool
+    std::vector<int64_t> src_rows[3][3], dst_rows[3][3];
+    for (int dst = 0; dst < 3; ++dst) {
+        ggml_tensor * pd = pool_of(ln, dst, false);
+        for (uint32_t s = 0; s < m.n[dst]; ++s) {
+            for (uint32_t h = 0; h < H; ++h) {
+                const int from = m.from[dst][s*H + h];
+                const int64_t r_src = (int64_t) m.src[dst][s*H + h]*H + h;
+                const int64_t r_dst = (int64_t) s*H + h;
+                ggml_tensor * ps = pool_of(lo, from, false);
+                if (ps->type == pd->type && ps->view_src == pd->view_src && ps->data == pd->data && r_src == r_dst) {
+                    continue; // stays where it is
+                }
+                src_rows[from][dst].push_back(r_src);
+                dst_rows[from][dst].push_back(r_dst);
+            }
         }
     }
     // K and V move the same rows: one set of index inputs for both
-    struct move { ggml_tensor * src_idx; ggml_tensor * dst_idx; bool from_o; bool to_o; };
-    const move moves[3] = {
-        { in.make(GGML_TYPE_I32, std::move(o_keep)), in.make(GGML_TYPE_I64, std::move(o_dst)),  true,  true  },
-        { in.make(GGML_TYPE_I32, std::move(quant_src)), in.make(GGML_TYPE_I64, std::move(quant_dst)), true,  false },
-        { in.make(GGML_TYPE_I32, std::move(move_src)), in.make(GGML_TYPE_I64, std::move(move_dst)), false, false },
-    };
+    struct move { ggml_tensor * src_idx; ggml_tensor * dst_idx; int from; int to; };
+    std::vector<move> moves;
+    for (int from = 0; from < 3; ++from) {
+        for (int dst = 0; dst < 3; ++dst) {
+            if (!src_rows[from][dst].empty()) {
+                moves.push_back({ in.make(GGML_TYPE_I32, std::move(src_rows[from][dst])),
+                                  in.make(GGML_TYPE_I64, std::move(dst_rows[from][dst])), from, dst });
+            }
+        }
+    }
 
     auto rows = [&](ggml_tensor * pool) { return ggml_reshape_2d(ctx, pool, D, ggml_nelements(pool)/D); };
     for (int kv = 0; kv < 2; ++kv) {
         ggml_tensor * staging = nullptr; // F32 [D, rows gathered]
-        int64_t offs[3] = {};
-        for (int i = 0; i < 3; ++i) {
-            if (!moves[i].src_idx) {
-                continue;
-            }
-            ggml_tensor * src = moves[i].from_o ? (kv ? lo.v_o : lo.k_o) : (kv ? lo.v_lo : lo.k_lo);
-            ggml_tensor * g = ggml_get_rows(ctx, rows(src), moves[i].src_idx);
-            offs[i] = staging ? staging->ne[1] : 0;
+        std::vector<int64_t> offs;
+        for (const auto & mv : moves) {
+            ggml_tensor * g = ggml_get_rows(ctx, rows(pool_of(lo, mv.from, kv)), mv.src_idx);
+            offs.push_back(staging ? staging->ne[1] : 0);
             staging = staging ? ggml_concat(ctx, staging, g, 1) : g;
         }
-        for (int i = 0; i < 3; ++i) {
-            if (!moves[i].src_idx) {
-                continue;
-            }
-            ggml_tensor * dst = moves[i].to_o ? (kv ? ln.v_o : ln.k_o) : (kv ? ln.v_lo : ln.k_lo);
+        for (size_t i = 0; i < moves.size(); ++i) {
             const int64_t n = moves[i].src_idx->ne[0];
             ggml_tensor * part = ggml_view_2d(ctx, staging, D, n, staging->nb[1], offs[i]*staging->nb[1]);
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx, rows(dst), part, moves[i].dst_idx));
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, rows(pool_of(ln, moves[i].to, kv)), part, moves[i].dst_idx));
         }
     }
 }
@@ -163,21 +186,20 @@ void llama_kv_cache_arkv::build_plan_moves(ggml_context * ctx, ggml_cgraph * gf,
 // host metadata of ln after the moves of m from lo
 void llama_kv_cache_arkv::plan_metadata(const layer & lo, layer & ln, const layer_move & m) const {
     const uint32_t H = n_head_kv_;
-    std::fill(ln.pos_o.begin(), ln.pos_o.end(), -1);
-    std::fill(ln.pos_lo.begin(), ln.pos_lo.end(), -1);
-    for (uint32_t s = 0; s < m.n_o; ++s) {
-        for (uint32_t h = 0; h < H; ++h) {
-            ln.pos_o[s*H + h] = lo.pos_o[(size_t) m.o_src[s*H + h]*H + h];
+    const std::vector<llama_pos> * old_pos[3] = { &lo.pos_lo, &lo.pos_o, &lo.pos_s };
+    std::vector<llama_pos> * new_pos[3] = { &ln.pos_lo, &ln.pos_o, &ln.pos_s };
+    for (int dst = 0; dst < 3; ++dst) {
+        std::fill(new_pos[dst]->begin(), new_pos[dst]->end(), -1);
+        for (uint32_t s = 0; s < m.n[dst]; ++s) {
+            for (uint32_t h = 0; h < H; ++h) {
+                const int from = m.from[dst][s*H + h];
+                (*new_pos[dst])[s*H + h] = (*old_pos[from])[(size_t) m.src[dst][s*H + h]*H + h];
+            }
         }
     }
-    for (uint32_t s = 0; s < m.n_lo; ++s) {
-        for (uint32_t h = 0; h < H; ++h) {
-            const auto & from = m.lo_from_o[s*H + h] ? lo.pos_o : lo.pos_lo;
-            ln.pos_lo[s*H + h] = from[(size_t) m.lo_src[s*H + h]*H + h];
-        }
-    }
-    ln.n_o = m.n_o;
-    ln.n_lo = m.n_lo;
+    ln.n_lo = m.n[LLAMA_ARKV_POOL_Q];
+    ln.n_o  = m.n[LLAMA_ARKV_POOL_O];
+    ln.n_s  = m.n[LLAMA_ARKV_POOL_S];
 }
 
 // apply the pending plan: build the next layout beside the current one, move the rows, and commit the

@@ -29,13 +29,20 @@ struct llama_arkv_params llama_arkv_default_params(void) {
     p.rotate          = true;
     p.n_score_queries = 32;
     p.attn            = LLAMA_ARKV_ATTN_AUTO;
+    p.cap_s           = 0;
+    p.spill_dir       = nullptr;
     return p;
 }
 
 void llama_arkv_arm(const struct llama_arkv_params * params) {
+    static thread_local std::string spill_dir; // the caller's string need not outlive this call
     g_arkv_error.clear();
     if (params) {
         g_arkv_armed = *params;
+        if (params->spill_dir) {
+            spill_dir = params->spill_dir;
+            g_arkv_armed->spill_dir = spill_dir.c_str();
+        }
     } else {
         g_arkv_armed.reset();
     }
@@ -92,12 +99,7 @@ uint32_t llama_arkv_cap_q(const struct llama_context * ctx, uint32_t cap_o) {
 int32_t llama_arkv_free_slots(const struct llama_context * ctx) {
     const auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);
-    int32_t res = INT32_MAX;
-    for (uint32_t i = 0; i < kv->n_layer(); ++i) {
-        const auto & l = kv->get_layer(i);
-        res = std::min<int32_t>(res, l.cap_o - l.n_o);
-    }
-    return res;
+    return kv->free_slots();
 }
 
 bool llama_arkv_get_pool_extent(const struct llama_context * ctx, int32_t i, uint64_t * out) {
@@ -117,23 +119,31 @@ void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_l
     }
 }
 
-void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_lo) {
+void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_lo, int32_t * pos_s) {
     const auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);
     for (uint32_t i = 0; i < kv->n_layer(); ++i) {
         const auto & l = kv->get_layer(i);
         pos_o = std::copy(l.pos_o.begin(), l.pos_o.end(), pos_o);
         pos_lo = std::copy(l.pos_lo.begin(), l.pos_lo.end(), pos_lo);
+        pos_s = std::copy(l.pos_s.begin(), l.pos_s.end(), pos_s);
     }
 }
 
 uint32_t llama_arkv_get_scores(const struct llama_context * ctx,
-                               float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q) {
+                               float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q,
+                               float * sum_s, float * sum_sq_s) {
     auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);
     llama_synchronize(const_cast<llama_context *>(ctx));
-    kv->get_scores(sum_o, sum_sq_o, sum_q, sum_sq_q);
+    kv->get_scores(sum_o, sum_sq_o, sum_q, sum_sq_q, sum_s, sum_sq_s);
     return kv->get_n_scored();
+}
+
+void llama_arkv_set_recall(struct llama_context * ctx, bool on) {
+    auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    kv->set_recall(on);
 }
 
 int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_arkv_layer_plan * plans) {

@@ -29,6 +29,15 @@ extern "C" {
         bool           rotate;          // Walsh-Hadamard rotation of K and V (both pools), as llama.cpp's quantized caches
         uint32_t       n_score_queries; // last queries of each ubatch whose attention is accumulated (0: none)
         enum llama_arkv_attn attn;      // decode attention path (LLAMA_ARKV_ATTN_AUTO)
+        uint32_t       cap_s;           // spilled (S) slots per layer, type_q rows in host memory; 0: no spill
+        const char *   spill_dir;       // S pool in a memory-mapped file in this directory (NULL: in RAM)
+    };
+
+    // where a row of a plan comes from
+    enum llama_arkv_pool {
+        LLAMA_ARKV_POOL_Q = 0, // the Q pool (type_q): moved as is
+        LLAMA_ARKV_POOL_O = 1, // the O pool (f16): quantized now when it goes to Q or S
+        LLAMA_ARKV_POOL_S = 2, // the spilled pool (type_q, host memory): moved as is, or dequantized into O
     };
 
     struct llama_arkv_layer_info {
@@ -38,16 +47,24 @@ extern "C" {
         uint32_t n_q;         // Q slots in use
         uint64_t bytes_alloc; // K+V bytes the layer's pools own
         uint64_t bytes_used;  // K+V bytes of the rows in use
+        uint32_t cap_s;       // spilled slots (host memory, outside the budget)
+        uint32_t n_s;         // spilled slots in use
+        uint64_t bytes_spill; // K+V bytes of the spilled rows in use
     };
 
-    // one layer's next layout: which current rows each new slot takes, per KV head
+    // one layer's next layout: which current rows each new slot takes, per KV head; a row no new slot
+    // takes is evicted. Rows that stay where they are (same pool and bytes) are not moved.
     struct llama_arkv_layer_plan {
-        uint32_t        cap_o;    // O slots of the new layout (the rest of the layer's budget is Q)
-        uint32_t        n_o;      // O slots kept
-        uint32_t        n_q;      // Q slots after the plan
-        const int32_t * o_src;    // [n_o][n_head_kv]: current O slot of each new O slot
-        const int32_t * q_src;    // [n_q][n_head_kv]: current slot of each new Q slot ...
-        const uint8_t * q_from_o; // [n_q][n_head_kv]: ... in O (1: quantized now) or in Q (0: moved as is)
+        uint32_t        cap_o;  // O slots of the new layout (the rest of the layer's budget is Q)
+        uint32_t        n_o;    // O slots kept
+        uint32_t        n_q;    // Q slots after the plan
+        uint32_t        n_s;    // spilled slots after the plan (<= cap_s)
+        const int32_t * o_src;  // [n_o][n_head_kv]: current slot of each new O slot ...
+        const uint8_t * o_from; // [n_o][n_head_kv]: ... in this pool (enum llama_arkv_pool; NULL: all in O)
+        const int32_t * q_src;  // [n_q][n_head_kv]: current slot of each new Q slot ...
+        const uint8_t * q_from; // [n_q][n_head_kv]: ... in this pool
+        const int32_t * s_src;  // [n_s][n_head_kv]: current slot of each new S slot ...
+        const uint8_t * s_from; // [n_s][n_head_kv]: ... in this pool
     };
 
     LLAMA_API struct llama_arkv_params llama_arkv_default_params(void);
@@ -69,7 +86,7 @@ extern "C" {
     // Q slots a layer's budget leaves when its O pool has cap_o slots (0 if cap_o does not fit)
     LLAMA_API uint32_t llama_arkv_cap_q(const struct llama_context * ctx, uint32_t cap_o);
 
-    // tokens that can be decoded before a plan must free O slots
+    // tokens that can be decoded before a plan must free O slots (once the pending plan, if any, is applied)
     LLAMA_API int32_t llama_arkv_free_slots(const struct llama_context * ctx);
 
     // where layer i's K pools lie in its arena, in bytes (V's are alike): out[6] = { O offset, O bytes,
@@ -78,13 +95,21 @@ extern "C" {
 
     LLAMA_API void llama_arkv_get_layers(const struct llama_context * ctx, struct llama_arkv_layer_info * out);
 
-    // positions per slot (-1: free); pos_o holds cap_o*n_head_kv values per layer, pos_q cap_q*n_head_kv
-    LLAMA_API void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_q);
+    // positions per slot (-1: free); pos_o holds cap_o*n_head_kv values per layer, pos_q cap_q*n_head_kv,
+    // pos_s cap_s*n_head_kv
+    LLAMA_API void llama_arkv_get_positions(const struct llama_context * ctx, int32_t * pos_o, int32_t * pos_q,
+                                            int32_t * pos_s);
 
-    // attention mass and squared mass per slot since the last plan, laid out as positions;
-    // returns the number of queries accumulated (each summed over its GQA group of query heads)
+    // attention mass and squared mass per slot since the last plan, laid out as positions (spilled rows
+    // only gain mass in recall passes); returns the number of queries accumulated (each summed over its
+    // GQA group of query heads)
     LLAMA_API uint32_t llama_arkv_get_scores(const struct llama_context * ctx,
-                                             float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q);
+                                             float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q,
+                                             float * sum_s, float * sum_sq_s);
+
+    // while on, every ubatch attends over the spilled rows too (and scores them): a recall pass, run
+    // on the last tokens of a prompt so that the plan after it can bring back what the question needs
+    LLAMA_API void llama_arkv_set_recall(struct llama_context * ctx, bool on);
 
     // the next decode's last ubatch measures, per layer, the entropy, variance and kurtosis of the
     // attention of its last n_score_queries queries (ARKV's observation window) to the keys before them

@@ -11,11 +11,21 @@
 #include "llama-io.h"
 #include "llama-model.h"
 
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <stdexcept>
+
+#ifndef _WIN32
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 //
 // construction
@@ -99,6 +109,7 @@ llama_kv_cache_arkv::llama_kv_cache_arkv(const llama_model & model, const llama_
                                  std::to_string(cap_o_max) + ")");
     }
     alloc_layers(cparams, cap_o_max);
+    alloc_spill(cparams);
 
     ggml_init_params ip = { size_t(4u*layers.size()*ggml_tensor_overhead()), nullptr, true };
     ctx_pools.reset(ggml_init(ip));
@@ -162,7 +173,88 @@ void llama_kv_cache_arkv::alloc_layers(const llama_cparams & cparams, uint32_t c
 
 }
 
-llama_kv_cache_arkv::~llama_kv_cache_arkv() = default;
+// the spilled pools of all layers in one host buffer, outside the budget: pinned host memory of the layers'
+// device where its backend offers it, else RAM, or (spill_dir) a file mapped into memory and unlinked at once,
+// so that it is never shared and goes away with the context or the process
+void llama_kv_cache_arkv::alloc_spill(const llama_cparams & cparams) {
+    if (params.cap_s == 0) {
+        return;
+    }
+    const int64_t n_embd_gqa = (int64_t) head_dim_*n_head_kv_;
+    ggml_init_params ip = { size_t(4u*layers.size()*ggml_tensor_overhead()), nullptr, true };
+    ctx_spill.reset(ggml_init(ip));
+    for (auto & l : layers) {
+        l.cap_s = params.cap_s;
+        l.pos_s.assign((size_t) l.cap_s*n_head_kv_, -1);
+        l.k_s   = ggml_new_tensor_2d(ctx_spill.get(), params.type_q, n_embd_gqa, l.cap_s);
+        l.v_s   = ggml_new_tensor_2d(ctx_spill.get(), params.type_q, n_embd_gqa, l.cap_s);
+        l.acc_s = ggml_new_tensor_3d(ctx_spill.get(), GGML_TYPE_F32, n_head_kv_, l.cap_s, 2);
+        ggml_format_name(l.k_s, "arkv_k_s_l%d", l.il);
+        ggml_format_name(l.v_s, "arkv_v_s_l%d", l.il);
+        ggml_format_name(l.acc_s, "arkv_acc_s_l%d", l.il);
+    }
+
+    ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
+    if (params.spill_dir) {
+#ifdef _WIN32
+        throw std::runtime_error("a spill to disk needs a POSIX system (mmap)");
+#else
+        const size_t align = ggml_backend_buft_get_alignment(buft);
+        size_t total = align;
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx_spill.get()); t; t = ggml_get_next_tensor(ctx_spill.get(), t)) {
+            total += GGML_PAD(ggml_nbytes(t), align);
+        }
+        std::string path = std::string(params.spill_dir) + "/arkv-spill-XXXXXX";
+        const int fd = mkstemp(path.data());
+        if (fd < 0) {
+            throw std::runtime_error("cannot create a spill file in " + std::string(params.spill_dir) + ": " + strerror(errno));
+        }
+        unlink(path.c_str()); // the mapping keeps it alive; nothing is left behind, nobody else opens it
+        const int err = posix_fallocate(fd, 0, (off_t) total); // a full disk fails here, not with SIGBUS later
+        void * map = err == 0 ? mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+        close(fd);
+        if (map == MAP_FAILED) {
+            throw std::runtime_error("cannot reserve " + std::to_string(total) + " bytes for the spill file in " +
+                                     std::string(params.spill_dir) + ": " + strerror(err ? err : errno));
+        }
+        spill_map = map;
+        spill_map_bytes = total;
+        buf_spill.reset(ggml_backend_cpu_buffer_from_ptr(map, total));
+        ggml_tallocr talloc = ggml_tallocr_new(buf_spill.get());
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx_spill.get()); t; t = ggml_get_next_tensor(ctx_spill.get(), t)) {
+            GGML_ASSERT(ggml_tallocr_alloc(&talloc, t) == GGML_STATUS_SUCCESS);
+        }
+#endif
+    } else {
+        if (cparams.offload_kqv && model.dev_layer(0)) {
+            if (auto * host = ggml_backend_dev_host_buffer_type(model.dev_layer(0))) {
+                buft = host;
+            }
+        }
+        buf_spill.reset(ggml_backend_alloc_ctx_tensors_from_buft(ctx_spill.get(), buft));
+        if (!buf_spill) {
+            throw std::runtime_error("failed to allocate the ARKV spill buffer");
+        }
+    }
+    // as weights: the scheduler runs the ops that read or write S where S lies (the CPU), so that only
+    // the rows a recall pass dequantizes or a plan brings back ever reach the device
+    ggml_backend_buffer_set_usage(buf_spill.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    for (auto & l : layers) {
+        ggml_backend_tensor_memset(l.acc_s, 0, 0, ggml_nbytes(l.acc_s));
+    }
+    LLAMA_LOG_INFO("%s: %10s ARKV spill buffer size = %8.2f MiB (%u slots per layer%s)\n", __func__,
+                   ggml_backend_buffer_name(buf_spill.get()), ggml_backend_buffer_get_size(buf_spill.get())/1024.0/1024.0,
+                   params.cap_s, params.spill_dir ? ", a memory-mapped file" : "");
+}
+
+llama_kv_cache_arkv::~llama_kv_cache_arkv() {
+    buf_spill.reset();
+#ifndef _WIN32
+    if (spill_map) {
+        munmap(spill_map, spill_map_bytes);
+    }
+#endif
+}
 
 size_t llama_kv_cache_arkv::row_bytes_o() const {
     return ggml_row_size(GGML_TYPE_F16, (int64_t) head_dim_*n_head_kv_);
@@ -301,12 +393,28 @@ bool llama_kv_cache_arkv::can_fit(uint32_t n_tokens) const {
     return true;
 }
 
+int32_t llama_kv_cache_arkv::free_slots() const {
+    int32_t res = INT32_MAX;
+    if (!pending.empty()) {
+        for (const auto & m : pending) {
+            res = std::min<int32_t>(res, m.cap_o - m.n[LLAMA_ARKV_POOL_O]);
+        }
+        return res;
+    }
+    for (const auto & l : layers) {
+        res = std::min<int32_t>(res, l.cap_o - l.n_o);
+    }
+    return res;
+}
+
 void llama_kv_cache_arkv::clear(bool data) {
     for (auto & l : layers) {
         l.n_o = 0;
         l.n_lo = 0;
+        l.n_s = 0;
         std::fill(l.pos_o.begin(), l.pos_o.end(), -1);
         std::fill(l.pos_lo.begin(), l.pos_lo.end(), -1);
+        std::fill(l.pos_s.begin(), l.pos_s.end(), -1);
     }
     pos_max = -1;
     pos_planned_max = -1;
@@ -392,6 +500,9 @@ llama_pos llama_kv_cache_arkv::pos_min_slow() const {
         for (size_t i = 0; i < (size_t) l.n_lo*n_head_kv_; ++i) {
             res = std::min(res, l.pos_lo[i]);
         }
+        for (size_t i = 0; i < (size_t) l.n_s*n_head_kv_; ++i) {
+            res = std::min(res, l.pos_s[i]);
+        }
     }
     return res == std::numeric_limits<llama_pos>::max() ? -1 : res;
 }
@@ -411,6 +522,9 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_arkv::memory_breakdo
     for (const auto & [ctx, buf] : ctxs_bufs) {
         ret[ggml_backend_buffer_get_type(buf.get())] += ggml_backend_buffer_get_size(buf.get());
     }
+    if (buf_spill) {
+        ret[ggml_backend_buffer_get_type(buf_spill.get())] += ggml_backend_buffer_get_size(buf_spill.get());
+    }
     return ret;
 }
 
@@ -423,6 +537,9 @@ llama_arkv_layer_info llama_kv_cache_arkv::layer_info(uint32_t i) const {
     res.n_q   = l.n_lo;
     res.bytes_alloc = 2*arena_bytes;
     res.bytes_used  = 2*((size_t) l.n_o*row_bytes_o() + (size_t) l.n_lo*row_bytes_lo());
+    res.cap_s       = l.cap_s;
+    res.n_s         = l.n_s;
+    res.bytes_spill = 2*(size_t) l.n_s*row_bytes_lo();
     return res;
 }
 
@@ -434,24 +551,31 @@ void llama_kv_cache_arkv::reset_scores() {
     for (auto & l : layers) {
         ggml_backend_tensor_memset(l.acc_o, 0, 0, ggml_nbytes(l.acc_o));
         ggml_backend_tensor_memset(l.acc_lo, 0, 0, ggml_nbytes(l.acc_lo));
+        for (int plane = 0; plane < 2 && l.n_s > 0; ++plane) { // only the rows in use: S may be large
+            ggml_backend_tensor_memset(l.acc_s, 0, plane*l.acc_s->nb[2], (size_t) l.n_s*l.acc_s->nb[1]);
+        }
     }
     n_scored = 0;
 }
 
-void llama_kv_cache_arkv::get_scores(float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q) const {
+void llama_kv_cache_arkv::get_scores(float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q,
+                                     float * sum_s, float * sum_sq_s) const {
     size_t off_o = 0;
     size_t off_lo = 0;
-    auto get = [&](ggml_tensor * acc, uint32_t cap, float * sum, float * sum_sq, size_t & off) {
-        const size_t n = (size_t) cap*n_head_kv_;
+    size_t off_s = 0;
+    // the rows in use, at the offsets of a pool of cap rows
+    auto get = [&](ggml_tensor * acc, uint32_t n_use, uint32_t cap, float * sum, float * sum_sq, size_t & off) {
+        const size_t n = (size_t) n_use*n_head_kv_;
         if (n > 0) {
             ggml_backend_tensor_get(acc, sum + off, 0, n*sizeof(float));
             ggml_backend_tensor_get(acc, sum_sq + off, acc->nb[2], n*sizeof(float));
         }
-        off += n;
+        off += (size_t) cap*n_head_kv_;
     };
     for (const auto & l : layers) {
-        get(l.acc_o, l.cap_o, sum_o, sum_sq_o, off_o);
-        get(l.acc_lo, l.cap_lo, sum_q, sum_sq_q, off_lo);
+        get(l.acc_o, l.cap_o, l.cap_o, sum_o, sum_sq_o, off_o);
+        get(l.acc_lo, l.cap_lo, l.cap_lo, sum_q, sum_sq_q, off_lo);
+        get(l.acc_s, l.n_s, l.cap_s, sum_s, sum_sq_s, off_s);
     }
 }
 
@@ -474,14 +598,15 @@ bool llama_kv_cache_arkv::get_stats(float * out) const {
 //
 
 static constexpr uint32_t ARKV_STATE_MAGIC   = 0x564b5241; // "ARKV"
-static constexpr uint32_t ARKV_STATE_VERSION = 2; // 2: with the score accumulators
+static constexpr uint32_t ARKV_STATE_VERSION = 3; // 2: with the score accumulators; 3: with the spilled rows
 
 // one layer: its layout, positions, rows and the scores since the last plan (the next plan decides with them)
 void llama_kv_cache_arkv::state_write_layer(llama_io_write_i & io, const layer & l) const {
-    const uint32_t counts[] = { l.cap_o, l.n_o, l.n_lo };
+    const uint32_t counts[] = { l.cap_o, l.n_o, l.n_lo, l.n_s };
     io.write(counts, sizeof(counts));
     io.write(l.pos_o.data(), (size_t) l.n_o*n_head_kv_*sizeof(llama_pos));
     io.write(l.pos_lo.data(), (size_t) l.n_lo*n_head_kv_*sizeof(llama_pos));
+    io.write(l.pos_s.data(), (size_t) l.n_s*n_head_kv_*sizeof(llama_pos));
     if (l.n_o > 0) {
         io.write_tensor(l.k_o, 0, (size_t) l.n_o*row_bytes_o());
         io.write_tensor(l.v_o, 0, (size_t) l.n_o*row_bytes_o());
@@ -490,12 +615,19 @@ void llama_kv_cache_arkv::state_write_layer(llama_io_write_i & io, const layer &
         io.write_tensor(l.k_lo, 0, (size_t) l.n_lo*row_bytes_lo());
         io.write_tensor(l.v_lo, 0, (size_t) l.n_lo*row_bytes_lo());
     }
+    if (l.n_s > 0) {
+        io.write_tensor(l.k_s, 0, (size_t) l.n_s*row_bytes_lo());
+        io.write_tensor(l.v_s, 0, (size_t) l.n_s*row_bytes_lo());
+    }
     for (int plane = 0; plane < 2; ++plane) {
         if (l.n_o > 0) {
             io.write_tensor(l.acc_o, plane*l.acc_o->nb[2], (size_t) l.n_o*l.acc_o->nb[1]);
         }
         if (l.n_lo > 0) {
             io.write_tensor(l.acc_lo, plane*l.acc_lo->nb[2], (size_t) l.n_lo*l.acc_lo->nb[1]);
+        }
+        if (l.n_s > 0) {
+            io.write_tensor(l.acc_s, plane*l.acc_s->nb[2], (size_t) l.n_s*l.acc_s->nb[1]);
         }
     }
 }
@@ -517,19 +649,25 @@ void llama_kv_cache_arkv::state_write(llama_io_write_i & io, llama_seq_id seq_id
 
 // one layer, as state_write_layer wrote it; its pools are placed in ctx
 void llama_kv_cache_arkv::state_read_layer(llama_io_read_i & io, ggml_context * ctx, layer & l) {
-    uint32_t counts[3];
+    uint32_t counts[4];
     io.read(counts, sizeof(counts));
     const uint32_t cap_o = counts[0];
     if (cap_o < 1 || (size_t) cap_o*row_bytes_o() > arena_bytes || counts[1] > cap_o || counts[2] > cap_lo_for(cap_o)) {
         throw std::runtime_error("the saved ARKV state has an invalid layout");
+    }
+    if (counts[3] > l.cap_s) {
+        throw std::runtime_error("the saved ARKV state holds " + std::to_string(counts[3]) + " spilled rows per layer; "
+                                 "this cache spills at most " + std::to_string(l.cap_s));
     }
     place_pools(ctx, l, cap_o);
     std::fill(l.pos_o.begin(), l.pos_o.end(), -1);
     std::fill(l.pos_lo.begin(), l.pos_lo.end(), -1);
     l.n_o = counts[1];
     l.n_lo = counts[2];
+    l.n_s = counts[3];
     io.read(l.pos_o.data(), (size_t) l.n_o*n_head_kv_*sizeof(llama_pos));
     io.read(l.pos_lo.data(), (size_t) l.n_lo*n_head_kv_*sizeof(llama_pos));
+    io.read(l.pos_s.data(), (size_t) l.n_s*n_head_kv_*sizeof(llama_pos));
     if (l.n_o > 0) {
         io.read_tensor(l.k_o, 0, (size_t) l.n_o*row_bytes_o());
         io.read_tensor(l.v_o, 0, (size_t) l.n_o*row_bytes_o());
@@ -538,12 +676,19 @@ void llama_kv_cache_arkv::state_read_layer(llama_io_read_i & io, ggml_context * 
         io.read_tensor(l.k_lo, 0, (size_t) l.n_lo*row_bytes_lo());
         io.read_tensor(l.v_lo, 0, (size_t) l.n_lo*row_bytes_lo());
     }
+    if (l.n_s > 0) {
+        io.read_tensor(l.k_s, 0, (size_t) l.n_s*row_bytes_lo());
+        io.read_tensor(l.v_s, 0, (size_t) l.n_s*row_bytes_lo());
+    }
     for (int plane = 0; plane < 2; ++plane) {
         if (l.n_o > 0) {
             io.read_tensor(l.acc_o, plane*l.acc_o->nb[2], (size_t) l.n_o*l.acc_o->nb[1]);
         }
         if (l.n_lo > 0) {
             io.read_tensor(l.acc_lo, plane*l.acc_lo->nb[2], (size_t) l.n_lo*l.acc_lo->nb[1]);
+        }
+        if (l.n_s > 0) {
+            io.read_tensor(l.acc_s, plane*l.acc_s->nb[2], (size_t) l.n_s*l.acc_s->nb[1]);
         }
     }
 }

@@ -5,7 +5,9 @@
 // followed by the LO pool (low precision: the rows in the paper's Q state; "q" stays llama.cpp's query),
 // both token-major: one row of head_dim values per (slot, KV head), [head_dim * n_head_kv, cap], placed as
 // typed views of the arena. The O/LO split of an arena can change when a plan is applied. A slot may hold
-// different tokens in different heads; all heads of a layer hold equal counts.
+// different tokens in different heads; all heads of a layer hold equal counts. Outside the budget, a
+// layer may keep a third pool in host memory (or a memory-mapped file): S, the spilled rows, in type_q.
+// They are read only by recall passes (llama_arkv_set_recall), and plans bring them back into O or LO.
 //
 // Files: this header and llama-kv-cache-arkv.cpp (llama_memory_i: pools, metadata, seq_*, state),
 // llama-arkv-plan.cpp (plans: validate, move rows, commit), llama-arkv-graph.cpp (the attention input,
@@ -60,6 +62,14 @@ public:
 
         // device: entropy, variance and kurtosis of the observation window's attention (ARKV)
         ggml_tensor * stats = nullptr; // F32 [3]
+
+        // host: the spilled pool (fixed placement, cap_s may be 0), its positions and score accumulator
+        uint32_t cap_s = 0;
+        uint32_t n_s   = 0;
+        ggml_tensor * k_s = nullptr; // type_q [n_embd_gqa, cap_s]
+        ggml_tensor * v_s = nullptr;
+        std::vector<llama_pos> pos_s;
+        ggml_tensor * acc_s = nullptr; // F32 [n_head_kv, cap_s, 2]
     };
 
     llama_kv_cache_arkv(const llama_model & model, const llama_cparams & cparams,
@@ -106,7 +116,7 @@ public:
 
     // slots one token costs in a pool, and what a layout with cap_o O slots leaves for Q
     size_t   row_bytes_o() const;
-    size_t   row_bytes_lo() const;
+    size_t   row_bytes_lo() const; // also a spilled row's
     uint32_t cap_lo_for(uint32_t cap_o) const;
     size_t   arena_alloc_bytes() const;
 
@@ -124,7 +134,10 @@ public:
     bool get_stats(float * out) const; // [n_layer][3]
 
     // copy the score accumulators [cap][n_head_kv] per pool into host buffers (see llama-arkv.h)
-    void get_scores(float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q) const;
+    void get_scores(float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q, float * sum_s, float * sum_sq_s) const;
+
+    // the next ubatches also attend over the spilled rows (see llama_arkv_set_recall)
+    void set_recall(bool on) { recall = on; }
     uint32_t get_n_scored() const { return n_scored; }
 
     //
@@ -135,6 +148,7 @@ public:
     struct view {
         uint32_t n_lo     = 0; // LO rows in use (LO only changes with plans)
         uint32_t n_lo_pad = 0; // LO rows read by a flash attention over LO alone (padded for ggml-cuda's vector kernel)
+        uint32_t n_s      = 0; // spilled rows read (recall passes only)
         uint32_t n_o      = 0; // O rows in use after the ubatch is stored
         uint32_t n_o_pad  = 0; // O rows read (padded, for graph reuse)
         uint32_t start    = 0; // first mask column of this layer
@@ -144,8 +158,10 @@ public:
         uint32_t n_old      = 0;  // mask columns before the new tokens (X)
         uint32_t n_mask     = 0;  // mask width
         uint32_t n_lo_max   = 0;  // the LO rows' mask (segments path): n_lo_max visible columns, then lo_pad_max hidden
+        uint32_t n_deq_max  = 0;  // the most LO or S rows a layer dequantizes (the row index input)
         uint32_t lo_pad_max = 0;
         bool stats = false;       // compute the observation window's statistics
+        bool recall = false;      // a recall pass: spilled rows are read, and every query is scored
         uint32_t pools = 0;       // pool placement the graph reads (changes with plans and state loads)
         bool operator==(const layout & other) const;
     };
@@ -155,6 +171,7 @@ public:
     // the stored rows for the current ubatch
     void apply_ubatch(const llama_ubatch & ubatch);
     bool can_fit(uint32_t n_tokens) const;
+    int32_t free_slots() const; // O slots free in every layer, once the pending plan is applied
 
     bool rotate_k() const { return rot_k; }
     bool rotate_v() const { return rot_v; }
@@ -181,7 +198,7 @@ public:
                      uint32_t ikv, ggml_tensor * k_cur, ggml_tensor * v_cur, ggml_tensor ** k_o, ggml_tensor ** v_o) const;
     ggml_tensor * pool_heads(ggml_context * ctx0, ggml_tensor * pool, int64_t n) const;
     ggml_tensor * build_read_dequant(ggml_context * ctx0, const class llm_graph_input_attn_kv_arkv * inp, const view & v,
-                                     ggml_tensor * pool_o, ggml_tensor * pool_q) const;
+                                     ggml_tensor * pool_o, ggml_tensor * pool_lo, ggml_tensor * pool_s) const;
     ggml_tensor * build_probs(ggml_context * ctx0, ggml_tensor * q_cur, ggml_tensor * k_lo, ggml_tensor * k_o,
                               ggml_tensor * mask, float kq_scale, int64_t n_sel) const;
     void build_scores(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, const view & v, ggml_tensor * p) const;
@@ -200,14 +217,13 @@ private:
     friend class llama_kv_cache_arkv_context;
 
     // a validated plan for one layer
+    // a validated plan for one layer: per new pool, the old slot and pool (llama_arkv_pool) of each new row
     struct layer_move {
         uint32_t ikv;   // index in layers
         uint32_t cap_o; // new layout
-        uint32_t n_o;
-        uint32_t n_lo;
-        std::vector<int32_t> o_src;     // [n_o][n_head_kv] old O slots
-        std::vector<int32_t> lo_src;    // [n_lo][n_head_kv] old slots ...
-        std::vector<uint8_t> lo_from_o; // [n_lo][n_head_kv] ... in O (1: quantized now) or in LO (0: moved as is)
+        uint32_t n[3] = {}; // new rows per pool, indexed by llama_arkv_pool (Q = LO)
+        std::vector<int32_t> src[3];  // [n][n_head_kv]
+        std::vector<uint8_t> from[3]; // [n][n_head_kv]
     };
     struct plan_inputs; // index inputs of a plan graph
 
@@ -235,11 +251,20 @@ private:
     uint32_t n_scored = 0;         // queries accumulated since the last plan
     uint32_t pools_generation = 0; // bumped whenever the pools are placed anew
     bool want_stats  = false;      // the next batch's last ubatch computes statistics
+    bool recall      = false;      // ubatches also attend over the spilled rows
     bool stats_valid = false;
 
     std::vector<layer_move> pending;
 
+    // the spilled pools: their buffer, and the file mapping behind it (kv_spill="disk")
+    ggml_context_ptr ctx_spill;
+    ggml_backend_buffer_ptr buf_spill;
+    void * spill_map = nullptr;
+    size_t spill_map_bytes = 0;
+
     void alloc_layers(const llama_cparams & cparams, uint32_t cap_o_max);
+    void alloc_spill(const llama_cparams & cparams);
+    ggml_tensor * pool_of(const layer & l, int pool, bool v) const;
     void place_pools(ggml_context * ctx, layer & l, uint32_t cap_o);
     void state_write_layer(llama_io_write_i & io, const layer & l) const;
     void state_read_layer(llama_io_read_i & io, ggml_context * ctx, layer & l);
@@ -263,7 +288,7 @@ public:
     void set_input(const llama_ubatch * ubatch) override;
     bool can_reuse(const llm_graph_params & params) override;
 
-    ggml_tensor * lo_arange = nullptr; // I32 [max n_lo]: 0, 1, ... (get_rows dequantizes LO rows)
+    ggml_tensor * lo_arange = nullptr; // I32 [n_deq_max]: 0, 1, ... (get_rows dequantizes LO and S rows)
     ggml_tensor * lo_mask   = nullptr; // F16 [n_lo_max + lo_pad_max, n_tokens]: the LO rows' mask (segments path)
 
     llama_kv_cache_arkv::layout lay; // what the graph was built for

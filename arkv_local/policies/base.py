@@ -1,8 +1,8 @@
 """Policy base class: what a KV policy decides, on top of the shared planner.
 
 A policy says two things: per layer, the share of the non-window budget kept in f16 (`ratios`),
-and per cached token, how important it is (`scores`). The planner (planner.py) does the rest
-the same way for every policy.
+and per cached row (O, Q and spilled), how important it is (`scores`). The planner
+(planner.py) does the rest the same way for every policy.
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ import numpy as np
 
 from .. import defaults
 from .planner import plan_layer
+from .scores import heavy_hitter, spread_by_position
 from .types import Budget, KVView, LayerPlan, LayerView
 
 __all__ = ["Budget", "KVView", "LayerPlan", "LayerView", "Policy"]
+
+RECALL_GAMMA = 0.8  # the variance's weight in recall scores: heavy_hitter.GAMMA's value
+RECALL_SPAN = 15   # tokens around an attended one that come back with it (a number, a name)
 
 
 @dataclass
@@ -55,9 +59,23 @@ class Policy:
         """Per layer, the share of the non-window budget kept in O, in [0, 1]."""
         return np.ones(len(view.layers))
 
-    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Importance of each O and Q slot in use, shaped as pos_o and pos_q; higher is kept."""
+    def scores(self, view: KVView, layer: int) -> np.ndarray:
+        """Importance of every row in use, shaped as the layer's `pos` (O, then Q, then spilled
+        rows); higher is kept."""
         raise NotImplementedError
+
+    def recall_scores(self, view: KVView, layer: int) -> np.ndarray:
+        """After a recall pass (view.recall): the importance of every row, spilled ones included,
+        to the prompt's last tokens, whose attention covered them all. Default, for every
+        policy: their heavy-hitter score, spread over the RECALL_SPAN tokens around each (what the
+        question attends to comes back with its span, whatever the policy ranks by while
+        decoding)."""
+        lv = view.layers[layer]
+        hh = heavy_hitter(lv.mass, lv.mass_sq, view.n_queries * view.group, RECALL_GAMMA)
+        pos = lv.pos
+        for h in range(hh.shape[1]):
+            hh[:, h] = spread_by_position(hh[:, h], pos[:, h], RECALL_SPAN)
+        return hh
 
     # what a policy remembers between tailorings (override both, with reset(), to keep more)
 
@@ -82,10 +100,11 @@ class Policy:
             raise ValueError(f"{self.name}: ratios must be {len(view.layers)} finite numbers")
         plans = []
         for i, lv in enumerate(view.layers):
-            score_o, score_q = self.scores(view, i)
-            if score_o.shape != lv.pos_o.shape or score_q.shape != lv.pos_q.shape:
-                raise ValueError(f"{self.name}: scores of layer {i} must match the slots in use")
-            plans.append(plan_layer(lv, score_o, score_q, ratios[i], budget, room, view.pos_max,
-                                    window=self.window, sinks=self.sinks,
-                                    quantize=self.quantize, layer=i))
+            score = np.asarray((self.recall_scores if view.recall else self.scores)(view, i))
+            if score.shape != lv.pos.shape:
+                raise ValueError(f"{self.name}: scores of layer {i} must be shaped as its rows "
+                                 f"{lv.pos.shape} (O, Q, then spilled), got {score.shape}")
+            plans.append(plan_layer(lv, score, ratios[i], budget, room, view.pos_max,
+                                    window=self.window, sinks=self.sinks, quantize=self.quantize,
+                                    cap_s=budget.cap_s, layer=i))
         return plans

@@ -11,10 +11,9 @@ from .base import KVView, Policy
 from .heavy_hitter import HeavyHitter
 
 
-def recency(view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
+def recency(view: KVView, layer: int) -> np.ndarray:
     """Newer tokens score higher."""
-    lv = view.layers[layer]
-    return lv.pos_o.astype(np.float64), lv.pos_q.astype(np.float64)
+    return view.layers[layer].pos.astype(np.float64)
 
 
 @dataclass
@@ -32,7 +31,7 @@ class Window(Policy):
     quantize: ClassVar[bool] = False
     name: ClassVar[str] = "window"
 
-    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, view: KVView, layer: int) -> np.ndarray:
         return recency(view, layer)
 
 
@@ -46,5 +45,5 @@ class Quant(Policy):
     def ratios(self, view: KVView) -> np.ndarray:
         return np.zeros(len(view.layers))
 
-    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, view: KVView, layer: int) -> np.ndarray:
         return recency(view, layer)

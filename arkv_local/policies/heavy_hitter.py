@@ -47,17 +47,15 @@ class HeavyHitter(Policy):
             raise ValueError("a heavy-hitter memory is one (position, KV head) array per layer")
         self._past = past
 
-    def scores(self, view: KVView, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, view: KVView, layer: int) -> np.ndarray:
         lv = view.layers[layer]
-        n = view.n_queries * view.group
-        hh = np.concatenate([heavy_hitter(lv.mass_o, lv.mass_sq_o, n, self.gamma),
-                             heavy_hitter(lv.mass_q, lv.mass_sq_q, n, self.gamma)])
-        pos = np.concatenate([lv.pos_o, lv.pos_q])
+        hh = heavy_hitter(lv.mass, lv.mass_sq, view.n_queries * view.group, self.gamma)
+        pos = lv.pos
         for h in range(hh.shape[1]):
             hh[:, h] = smooth_by_position(hh[:, h], pos[:, h])
         if self.ema > 0.0:
             hh = self._remember(layer, pos, hh)
-        return hh[: len(lv.pos_o)], hh[len(lv.pos_o):]
+        return hh
 
     def _remember(self, layer: int, pos: np.ndarray, hh: np.ndarray) -> np.ndarray:
         """Blend with the scores of the last tailoring, by position (NaN: not scored yet)."""

@@ -2,22 +2,26 @@
 
 A pure function of numpy arrays, the same for every policy: it protects the window and the
 sinks, ranks the other tokens of each (layer, KV head), keeps the top ones in O, moves the
-next ones to Q as far as the bytes go, and evicts the rest, leaving room for new tokens.
+next ones to Q as far as the bytes go, spills the next ones to S (host memory) as far as the
+spill holds, and evicts the rest, leaving room for new tokens.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .types import Budget, LayerPlan, LayerView
+from .types import POOL_O, POOL_Q, POOL_S, Budget, LayerPlan, LayerView
 
 
-def plan_layer(lv: LayerView, score_o: np.ndarray, score_q: np.ndarray, ratio: float,
-               budget: Budget, room: int, pos_max: int, *, window: int, sinks: int,
-               quantize: bool, layer: int = 0) -> LayerPlan:
-    """One layer's plan: `ratio` of the bytes beyond the window, sinks and room buys O slots
-    (all of them when not `quantize`), Q takes what the O pool leaves."""
-    n_o, n_head = lv.pos_o.shape
+def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, room: int,
+               pos_max: int, *, window: int, sinks: int, quantize: bool, cap_s: int = 0,
+               layer: int = 0) -> LayerPlan:
+    """One layer's plan. `score` ranks every row (O, then Q, then S, as `lv.pos`). `ratio` of
+    the bytes beyond the window, sinks and room buys O slots (all of them when not `quantize`),
+    Q takes what the O pool leaves. Spilled rows come back into Q, or into O for a policy
+    without Q; they stay in their S slots otherwise, so that a plan moves only what changes."""
+    n_o, n_q, n_s = lv.n_rows
+    n_head = lv.pos_o.shape[1]
     protected = (lv.pos_o > pos_max - window) | (lv.pos_o < sinks)
     n_fixed = int(protected[:, 0].sum())
     if (protected.sum(0) != n_fixed).any():
@@ -27,30 +31,48 @@ def plan_layer(lv: LayerView, score_o: np.ndarray, score_q: np.ndarray, ratio: f
         raise ValueError(
             f"layer {layer}: a budget of {budget.layer_bytes} bytes cannot hold the window "
             f"and sinks ({n_fixed} tokens) plus room for {room} new tokens in f16")
-    n_o_cand = n_o - n_fixed
+    n_cand = n_o - n_fixed + n_q + n_s
+    n_o_cand = n_o - n_fixed + (0 if quantize else n_s)  # rows that may take an O slot
     o_budget = int(ratio * free) // budget.slot_o if quantize else free // budget.slot_o
     n_o_keep = min(o_budget, n_o_cand)
     cap_o = n_fixed + n_o_keep + room
-    n_q_max = budget.cap_q(cap_o) if quantize else 0
-    n_q_keep = min(n_q_max, n_o_cand - n_o_keep + len(lv.pos_q))
+    n_q_keep = min(budget.cap_q(cap_o) if quantize else 0, n_cand - n_o_keep)
+    n_s_keep = min(cap_s, n_cand - n_o_keep - n_q_keep)
 
+    pool = np.repeat([POOL_O, POOL_Q, POOL_S], [n_o, n_q, n_s])
+    slot = np.concatenate([np.arange(n_o), np.arange(n_q), np.arange(n_s)])
+    pos = lv.pos
     o_src = np.empty((n_fixed + n_o_keep, n_head), np.int32)
+    o_from = np.empty_like(o_src, np.uint8)
     q_src = np.empty((n_q_keep, n_head), np.int32)
-    q_from_o = np.empty((n_q_keep, n_head), bool)
+    q_from = np.empty_like(q_src, np.uint8)
+    s_src = np.empty((n_s_keep, n_head), np.int32)
+    s_from = np.empty_like(s_src, np.uint8)
     for h in range(n_head):
-        cand_o = np.flatnonzero(~protected[:, h])
-        # O and Q candidates ranked together, highest score first, ties to the newer token
-        slot = np.concatenate([cand_o, np.arange(len(lv.pos_q))])
-        is_o = np.arange(len(slot)) < len(cand_o)
-        pos = np.concatenate([lv.pos_o[cand_o, h], lv.pos_q[:, h]])
-        rank = np.lexsort((-pos, -np.concatenate([score_o[cand_o, h], score_q[:, h]])))
-        keep_o = rank[is_o[rank]][:n_o_keep]      # only O tokens can stay O
-        kept = np.zeros(len(slot), bool)
-        kept[keep_o] = True
-        to_q = rank[~kept[rank]][:n_q_keep]       # the next ones, from O or Q
-        to_q = to_q[np.argsort(pos[to_q])]
-        o_slots = np.concatenate([np.flatnonzero(protected[:, h]), slot[keep_o]])
-        o_src[:, h] = o_slots[np.argsort(lv.pos_o[o_slots, h])]
-        q_src[:, h] = slot[to_q]
-        q_from_o[:, h] = is_o[to_q]
-    return LayerPlan(cap_o, o_src, q_src, q_from_o)
+        fixed = np.flatnonzero(protected[:, h])
+        cand = np.setdiff1d(np.arange(len(pos)), fixed, assume_unique=True)
+        # ranked together, highest score first, ties to the newer token
+        cand = cand[np.lexsort((-pos[cand, h], -score[cand, h]))]
+        may_o = pool[cand] != POOL_Q if not quantize else pool[cand] == POOL_O
+        keep_o = cand[may_o][:n_o_keep]
+        rest = cand[~np.isin(cand, keep_o)]
+        to_q, to_s = rest[:n_q_keep], rest[n_q_keep : n_q_keep + n_s_keep]
+        o_rows = np.concatenate([fixed, keep_o])
+        o_rows = o_rows[np.argsort(pos[o_rows, h], kind="stable")]
+        to_q = to_q[np.argsort(pos[to_q, h], kind="stable")]
+        o_src[:, h], o_from[:, h] = slot[o_rows], pool[o_rows]
+        q_src[:, h], q_from[:, h] = slot[to_q], pool[to_q]
+        s_src[:, h], s_from[:, h] = _spill_in_place(to_s, pool, slot, n_s_keep)
+    return LayerPlan(cap_o, o_src, q_src, q_from, s_src, s_from, o_from)
+
+
+def _spill_in_place(rows: np.ndarray, pool: np.ndarray, slot: np.ndarray,
+                    n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n new S slots' sources: a spilled row that stays keeps its slot (it is not moved),
+    the others fill the free slots."""
+    stays = (pool[rows] == POOL_S) & (slot[rows] < n)
+    dst = np.full(n, -1)
+    dst[slot[rows[stays]]] = rows[stays]
+    holes = np.flatnonzero(dst < 0)
+    dst[holes] = rows[~stays]
+    return slot[dst], pool[dst]

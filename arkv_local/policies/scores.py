@@ -39,3 +39,16 @@ def smooth_by_position(score: np.ndarray, pos: np.ndarray, width: int = 5) -> np
     padded = np.pad(score[order].astype(np.float64), width // 2)  # "same" would grow short rows
     out[order] = np.convolve(padded, np.ones(width) / width, mode="valid")
     return out
+
+
+
+def spread_by_position(score: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
+    """Each token's score becomes the largest within `width` tokens around it, in position order
+    (max pooling): the span around a token that is attended to comes along with it."""
+    if len(score) == 0:
+        return np.zeros(0)
+    order = np.argsort(pos)
+    padded = np.pad(score[order].astype(np.float64), width // 2)
+    out = np.empty_like(score, np.float64)
+    out[order] = np.lib.stride_tricks.sliding_window_view(padded, width).max(axis=1)
+    return out

@@ -4,17 +4,26 @@ so that a policy can be written and tested without the built llama.cpp."""
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 Q_ALIGN = 64  # bytes: in each arena the Q pool starts at this alignment after the O pool
 
+# where a row is, or comes from in a plan (enum llama_arkv_pool)
+POOL_Q, POOL_O, POOL_S = 0, 1, 2
+
+
+
+def _none() -> np.ndarray:
+    return np.zeros((0, 0), np.int32)
+
 
 @dataclass(frozen=True)
 class LayerView:
-    """One layer as a policy sees it; arrays are (slots in use, n_head_kv)."""
+    """One layer as a policy sees it; arrays are (slots in use, n_head_kv). The spilled rows
+    (S: 4-bit, in host memory, outside the budget) only gain mass in recall passes."""
 
     pos_o: np.ndarray   # positions in the O slots
     pos_q: np.ndarray   # positions in the Q slots
@@ -22,6 +31,31 @@ class LayerView:
     mass_sq_o: np.ndarray  # and over the GQA group), and squared mass
     mass_q: np.ndarray
     mass_sq_q: np.ndarray
+    pos_s: np.ndarray = field(default_factory=_none)  # positions in the spilled slots
+    mass_s: np.ndarray = field(default_factory=_none)
+    mass_sq_s: np.ndarray = field(default_factory=_none)
+
+    def _rows(self, o: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
+        s = s.reshape(0, o.shape[1]) if s.size == 0 else s
+        return np.concatenate([o, q, s])
+
+    @property
+    def pos(self) -> np.ndarray:
+        """Positions of all rows, O then Q then S: the rows a policy scores."""
+        return self._rows(self.pos_o, self.pos_q, self.pos_s)
+
+    @property
+    def mass(self) -> np.ndarray:
+        return self._rows(self.mass_o, self.mass_q, self.mass_s)
+
+    @property
+    def mass_sq(self) -> np.ndarray:
+        return self._rows(self.mass_sq_o, self.mass_sq_q, self.mass_sq_s)
+
+    @property
+    def n_rows(self) -> tuple[int, int, int]:
+        """Rows per head in O, Q and S."""
+        return len(self.pos_o), len(self.pos_q), len(self.pos_s)
 
 
 @dataclass(frozen=True)
@@ -33,18 +67,23 @@ class KVView:
     group: int               # query heads per KV head (GQA)
     stats: np.ndarray | None  # (n_layer, 3): entropy, variance, kurtosis of the first prefill
     pos_max: int             # newest position
+    recall: bool = False     # the scores are a prompt's tail attending to every row (spilled too)
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer's next layout. Row i of o_src (n_o, n_head_kv) names, per head, the current O
-    slot that new O slot i takes; q_src (n_q, n_head_kv) the current slot of new Q slot i, in O
-    where q_from_o is True (quantized now), else in Q (moved as is)."""
+    """One layer's next layout: row i of o_src (n_o, n_head_kv) names, per head, the current slot
+    that new O slot i takes, in the pool o_from names (POOL_O when None); q_src/q_from the same
+    for the Q slots (a row from O is quantized now) and s_src/s_from for the spilled slots. A row
+    that no new slot takes is evicted; one left in its slot is not moved."""
 
     cap_o: int
     o_src: np.ndarray
     q_src: np.ndarray
-    q_from_o: np.ndarray
+    q_from: np.ndarray
+    s_src: np.ndarray = field(default_factory=_none)
+    s_from: np.ndarray = field(default_factory=_none)
+    o_from: np.ndarray | None = None
 
     @property
     def free_o(self) -> int:
@@ -54,7 +93,8 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Budget:
-    """One layer's K+V bytes and what a slot (K and V, all KV heads) costs in O and in Q.
+    """One layer's K+V bytes and what a slot (K and V, all KV heads) costs in O and in Q, and
+    the spilled slots beside them.
 
     The memory splits the bytes into two arenas, K and V, each holding the O pool then, from
     the next `align`-byte boundary, the Q pool: cap_q(cap_o) is the Q room a layout leaves,
@@ -64,6 +104,7 @@ class Budget:
     slot_o: int
     slot_q: int
     align: int = Q_ALIGN
+    cap_s: int = 0  # spilled slots per layer, in host memory outside the budget (0: evict)
 
     @property
     def cap_o_max(self) -> int:
