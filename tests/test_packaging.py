@@ -21,7 +21,8 @@ def wheel_files() -> list[str]:
 
 def test_the_installed_wheel_holds_only_the_package() -> None:
     files = wheel_files()
-    allowed = re.compile(r"arkv_local/|arkv_local-[^/]+\.dist-info/|(\.\./)+bin/arkv-chat$")
+    allowed = re.compile(
+        r"arkv_local/|arkv_local-[^/]+\.dist-info/|(\.\./)+bin/arkv-(chat|server)$")
     assert [f for f in files if not allowed.match(f)] == []
     libs = {f.rsplit("/", 1)[1] for f in files if f.startswith("arkv_local/lib/")}
     assert {"libllama.so", "libggml.so", "libggml-base.so"} <= libs or \

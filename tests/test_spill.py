@@ -259,3 +259,25 @@ def test_pass_keys_at_a_quarter_of_the_bytes(smollm2: Path, spill: str | None,
         assert sum(s.n_s for s in stats.layers) > 0
     assert list(tmp_path.iterdir()) == []
     llm.close()
+
+
+def test_a_saved_state_holds_the_spilled_rows(tiny_llama: Path) -> None:  # noqa: F811
+    rng = np.random.default_rng(SEED)
+    llm, mem = open_memory(tiny_llama, cap_s=128)
+    llm.eval(random_tokens(tiny_llama, N_PAST, rng))
+    mem.submit(split_plan(mem, rng, spill=True)[0])
+    llm.eval(random_tokens(tiny_llama, 1, rng))  # applies the plan
+    saved, rows = llm.save_state(), cache_rows(llm, mem)
+    assert rows[0]["pos_s"].shape == (N_S, mem.n_head_kv)
+    llm.reset()
+    llm.eval(random_tokens(tiny_llama, 50, rng))  # another sequence, nothing spilled
+    assert all(info.n_s == 0 for info in mem.layers())
+    llm.load_state(saved)
+    for a, b in zip(rows, cache_rows(llm, mem), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+    # a cache with a smaller spill refuses it (the log names the spill's size)
+    small, _ = open_memory(tiny_llama, cap_s=16)
+    with pytest.raises(RuntimeError, match="Failed to set"):
+        small.load_state(saved)
+    del llm, small

@@ -6,7 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define ARKV_ATTN_AVX2
+#endif
 
 #ifdef ARKV_HAVE_CPU_ATTN
 
@@ -16,8 +22,14 @@ bool llama_arkv_attn_cpu_available() {
 
 namespace {
 
-// the split-K pass's output: per chunk [M | S | acc] over the n_rows = n_tokens*n_head (query,
-// head) rows, then the scored queries' logits [n_sel][n_head][n_kv]
+//
+// layout of the split-K pass's output
+//
+
+// per chunk c: [M | S | acc] over the n_rows = n_tokens*n_head (query, head) rows, where M is the chunk's
+// largest logit, S = sum exp(s - M) and acc = sum exp(s - M)*v; then the scored queries' unnormalized
+// probabilities exp(s - M_c) [n_sel][n_head][n_kv], relative to the max of the chunk that holds the key,
+// so that the combine turns them into probabilities with one multiplication per key (no second exp)
 struct part_view {
     int64_t n_rows;
     int64_t D;
@@ -28,10 +40,260 @@ struct part_view {
     float * acc(int64_t c) const { return m(c) + 2*n_rows; }
 };
 
-float mask_at(const ggml_tensor * mask, int64_t col, int64_t row) {
-    const char * p = (const char *) mask->data + row*mask->nb[1] + col*ggml_element_size(mask);
-    return mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(*(const ggml_fp16_t *) p) : *(const float *) p;
+// the keys [j0, j1) of chunk c; fixed by n_chunk alone, so the result does not depend on the thread count
+int64_t chunk_begin(int64_t n_kv, int64_t n_chunk, int64_t c) {
+    return n_kv*c/n_chunk;
 }
+
+//
+// vector helpers (AVX2 where the CPU backend is built for it, portable loops otherwise)
+//
+
+// y[i] = exp(x[i] - m) in place, returns the sum; x[i] == -inf gives 0. m must be finite.
+// The AVX2 exp is ggml's ggml_v_expf (ggml-cpu/vec.h, 1.5 ulp), as ggml_vec_soft_max_f32 uses
+#ifdef ARKV_ATTN_AVX2
+inline __m256 v_expf(__m256 x) {
+    const __m256 r = _mm256_set1_ps(0x1.8p23f);
+    const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+    const __m256 n = _mm256_sub_ps(z, r);
+    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+    const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
+    const __m256 k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_castps_si256(_mm256_set1_ps(1))));
+    const __m256i c = _mm256_castps_si256(
+        _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), n), _mm256_set1_ps(126), _CMP_GT_OQ));
+    const __m256 u = _mm256_mul_ps(b, b);
+    const __m256 j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b, _mm256_set1_ps(0x1.573e2ep-5f)), u,
+                        _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b, _mm256_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm256_mul_ps(_mm256_set1_ps(0x1.ffffecp-1f), b));
+    if (!_mm256_movemask_ps(_mm256_castsi256_ps(c))) {
+        return _mm256_fmadd_ps(j, k, k);
+    }
+    const __m256i g = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ)),
+                                       _mm256_set1_epi32(0x82000000u));
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f000000u)));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+    const __m256i d = _mm256_castps_si256(
+        _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), n), _mm256_set1_ps(192), _CMP_GT_OQ));
+    return _mm256_or_ps(
+        _mm256_and_ps(_mm256_castsi256_ps(d), _mm256_mul_ps(s1, s1)),
+        _mm256_andnot_ps(_mm256_castsi256_ps(d),
+                         _mm256_or_ps(_mm256_and_ps(_mm256_castsi256_ps(c), _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1)),
+                                      _mm256_andnot_ps(_mm256_castsi256_ps(c), _mm256_fmadd_ps(k, j, k)))));
+}
+#endif
+
+float exp_sub_sum(float * x, int64_t n, float m) {
+    int64_t i = 0;
+    float sum = 0.0f;
+#ifdef ARKV_ATTN_AVX2
+    __m256 vsum = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(m);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = v_expf(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+        _mm256_storeu_ps(x + i, v);
+        vsum = _mm256_add_ps(vsum, v);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    sum = _mm_cvtss_f32(h);
+#endif
+    for (; i < n; ++i) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    return sum;
+}
+
+// y[i] += a*x[i]
+inline void axpy(float * y, const float * x, float a, int64_t n) {
+    int64_t i = 0;
+#ifdef ARKV_ATTN_AVX2
+    const __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    }
+#endif
+    for (; i < n; ++i) {
+        y[i] += a*x[i];
+    }
+}
+
+// keys added to an accumulator together in the V sums
+constexpr int64_t v_group = 4;
+static_assert(v_group == 4, "axpy_group's AVX2 path adds 4 keys at a time");
+
+// y[i] += sum_k w[k]*x[k*x_stride + i] for n_w <= v_group rows of x, y read and written once
+inline void axpy_group(float * y, const float * x, int64_t x_stride, const float * w, int64_t n_w, int64_t n) {
+    int64_t i = 0;
+#ifdef ARKV_ATTN_AVX2
+    if (n_w == v_group) {
+        const __m256 w0 = _mm256_set1_ps(w[0]);
+        const __m256 w1 = _mm256_set1_ps(w[1]);
+        const __m256 w2 = _mm256_set1_ps(w[2]);
+        const __m256 w3 = _mm256_set1_ps(w[3]);
+        for (; i + 8 <= n; i += 8) {
+            __m256 a = _mm256_loadu_ps(y + i);
+            a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 0*x_stride + i), a);
+            a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 1*x_stride + i), a);
+            a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + 2*x_stride + i), a);
+            a = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + 3*x_stride + i), a);
+            _mm256_storeu_ps(y + i, a);
+        }
+    }
+#endif
+    if (i < n) {
+        for (int64_t k = 0; k < n_w; ++k) {
+            axpy(y + i, x + k*x_stride + i, w[k], n - i);
+        }
+    }
+}
+
+//
+// reading V rows to f32
+//
+
+// ggml's block layouts (ggml-common.h is internal to ggml); checked against the type traits in llama_arkv_attn_cpu
+struct block_q4_0_view { ggml_fp16_t d;                 uint8_t qs[16]; };
+struct block_q4_1_view { ggml_fp16_t d; ggml_fp16_t m;  uint8_t qs[16]; };
+struct block_q8_0_view { ggml_fp16_t d;                 int8_t  qs[32]; };
+static_assert(sizeof(block_q4_0_view) == 18 && sizeof(block_q4_1_view) == 20 && sizeof(block_q8_0_view) == 34,
+              "ggml block layouts");
+
+inline float fp16_to_f32(ggml_fp16_t h) {
+#ifdef ARKV_ATTN_AVX2
+    return _cvtsh_ss(h);
+#else
+    return ggml_fp16_to_fp32(h);
+#endif
+}
+
+// y[32*ib + i] = (q - 8)*d: the low nibbles are elements 0..15, the high nibbles 16..31
+void dequant_q4_0(const void * src, float * y, int64_t n) {
+    const auto * b = (const block_q4_0_view *) src;
+    for (int64_t ib = 0; ib < n/32; ++ib, y += 32) {
+        const float d = fp16_to_f32(b[ib].d);
+#ifdef ARKV_ATTN_AVX2
+        const __m256 vd = _mm256_set1_ps(d);
+        const __m128i q  = _mm_loadu_si128((const __m128i *) b[ib].qs);
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        const __m128i o8 = _mm_set1_epi8(8);
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m4), o8);
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), o8);
+        _mm256_storeu_ps(y +  0, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+        _mm256_storeu_ps(y +  8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+        _mm256_storeu_ps(y + 16, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+        _mm256_storeu_ps(y + 24, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+#else
+        for (int i = 0; i < 16; ++i) {
+            y[i]      = ((b[ib].qs[i] & 0x0F) - 8)*d;
+            y[i + 16] = ((b[ib].qs[i] >>   4) - 8)*d;
+        }
+#endif
+    }
+}
+
+void dequant_q4_1(const void * src, float * y, int64_t n) {
+    const auto * b = (const block_q4_1_view *) src;
+    for (int64_t ib = 0; ib < n/32; ++ib, y += 32) {
+        const float d = fp16_to_f32(b[ib].d);
+        const float m = fp16_to_f32(b[ib].m);
+        for (int i = 0; i < 16; ++i) {
+            y[i]      = (b[ib].qs[i] & 0x0F)*d + m;
+            y[i + 16] = (b[ib].qs[i] >>   4)*d + m;
+        }
+    }
+}
+
+void dequant_q8_0(const void * src, float * y, int64_t n) {
+    const auto * b = (const block_q8_0_view *) src;
+    for (int64_t ib = 0; ib < n/32; ++ib, y += 32) {
+        const float d = fp16_to_f32(b[ib].d);
+        for (int i = 0; i < 32; ++i) {
+            y[i] = b[ib].qs[i]*d;
+        }
+    }
+}
+
+void dequant_f16(const void * src, float * y, int64_t n) {
+    ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, y, n);
+}
+
+using dequant_fn = void (*)(const void *, float *, int64_t);
+
+// a V row reader: ours for the LO types the cache offers (ggml-base's to_float is scalar), else ggml's
+struct row_reader {
+    dequant_fn fn = nullptr;
+    ggml_to_float_t to_float = nullptr;
+
+    void operator()(const void * src, float * y, int64_t n) const {
+        if (fn) {
+            fn(src, y, n);
+        } else {
+            to_float(src, y, n);
+        }
+    }
+};
+
+row_reader make_reader(ggml_type type) {
+    row_reader r;
+    switch (type) {
+        case GGML_TYPE_Q4_0: r.fn = dequant_q4_0; break;
+        case GGML_TYPE_Q4_1: r.fn = dequant_q4_1; break;
+        case GGML_TYPE_Q8_0: r.fn = dequant_q8_0; break;
+        case GGML_TYPE_F16:  r.fn = dequant_f16;  break;
+        default:             r.to_float = ggml_get_type_traits(type)->to_float; break;
+    }
+    GGML_ASSERT(r.fn || r.to_float);
+    return r;
+}
+
+//
+// K . q for q4_0 rows
+//
+
+#ifdef ARKV_ATTN_AVX2
+constexpr int64_t dot_group_max = 8;
+
+// out[g*out_stride] = k . q_g for n_q <= dot_group_max q8_0 queries q_g = q + g*q_stride (one KV head's GQA
+// group): ggml's ggml_vec_dot_q4_0_q8_0 (AVX2: the same arithmetic in the same order, so the same result),
+// with the key's nibbles unpacked once per block for the whole group instead of once per query, and no
+// call through the type traits per query
+void dot_q4_0_group(int64_t D, const void * k, const char * q, size_t q_stride, int64_t n_q, float * out, int64_t out_stride) {
+    const auto * x = (const block_q4_0_view *) k;
+    __m256 acc[dot_group_max];
+    for (int64_t g = 0; g < n_q; ++g) {
+        acc[g] = _mm256_setzero_ps();
+    }
+    for (int64_t ib = 0; ib < D/32; ++ib) {
+        const __m128i tmp = _mm_loadu_si128((const __m128i *) x[ib].qs);
+        const __m256i qx  = _mm256_sub_epi8(_mm256_and_si256(_mm256_set1_epi8(0x0F),
+                                                             _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp)),
+                                            _mm256_set1_epi8(8));
+        const __m256i ax  = _mm256_sign_epi8(qx, qx);
+        const float   dx  = fp16_to_f32(x[ib].d);
+        for (int64_t g = 0; g < n_q; ++g) {
+            const auto * y = (const block_q8_0_view *) (q + g*q_stride) + ib;
+            const __m256  d   = _mm256_set1_ps(dx*fp16_to_f32(y->d));
+            const __m256i sy  = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) y->qs), qx);
+            const __m256i dot = _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy));
+            acc[g] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[g]);
+        }
+    }
+    for (int64_t g = 0; g < n_q; ++g) {
+        __m128 h = _mm_add_ps(_mm256_extractf128_ps(acc[g], 1), _mm256_castps256_ps128(acc[g]));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[g*out_stride] = _mm_cvtss_f32(h);
+    }
+}
+#endif
+
+//
+// the queries
+//
 
 // the queries in the types the dot products take, as llama.cpp's flash attention does: f16 for O rows,
 // the LO type's vec_dot_type (q8_0 for q4_0) for LO rows, which are then read as they are
@@ -41,84 +303,53 @@ struct query_rows {
     size_t row_lo = 0;
 };
 
-query_rows convert_queries(const ggml_tensor * q, const ggml_type_traits_cpu * tr_klo) {
+void convert_queries(const ggml_tensor * q, const ggml_type_traits_cpu * tr_klo, query_rows & qr) {
     const int64_t D      = q->ne[0];
     const int64_t n_head = q->ne[1];
     const int64_t n_tok  = q->ne[2];
-    query_rows qr;
     qr.row_lo = tr_klo ? ggml_row_size(tr_klo->vec_dot_type, D) : 0;
     qr.f16.resize(n_tok*n_head*D);
     qr.lo.resize(n_tok*n_head*qr.row_lo);
     const auto * tr_f16 = ggml_get_type_traits_cpu(GGML_TYPE_F16);
+    const auto * tr_dot = tr_klo ? ggml_get_type_traits_cpu(tr_klo->vec_dot_type) : nullptr;
     for (int64_t t = 0; t < n_tok; ++t) {
         for (int64_t h = 0; h < n_head; ++h) {
             const float * src = (const float *) ((const char *) q->data + h*q->nb[1] + t*q->nb[2]);
             const int64_t r = t*n_head + h;
             tr_f16->from_float(src, qr.f16.data() + r*D, D);
-            if (tr_klo) {
-                ggml_get_type_traits_cpu(tr_klo->vec_dot_type)->from_float(src, qr.lo.data() + r*qr.row_lo, D);
+            if (tr_dot) {
+                tr_dot->from_float(src, qr.lo.data() + r*qr.row_lo, D);
             }
-        }
-    }
-    return qr;
-}
-
-// one key row's scaled logits s[n_tok*n_head] for every query row; -inf where the mask mv[n_tok] hides it
-void key_logits(const ggml_type_traits_cpu * tr, const char * k_row, size_t k_head, const query_rows & qr, bool is_lo,
-                const float * mv, float scale, int64_t n_tok, int64_t n_head, int64_t G, int64_t D, float * s) {
-    for (int64_t h = 0; h < n_head; ++h) {
-        const char * k = k_row + (h/G)*k_head;
-        for (int64_t t = 0; t < n_tok; ++t) {
-            if (mv[t] == -INFINITY) {
-                continue;
-            }
-            const int64_t r = t*n_head + h;
-            const void * qv = is_lo ? (const void *) (qr.lo.data() + r*qr.row_lo) : (const void *) (qr.f16.data() + r*D);
-            float dot = 0.0f;
-            tr->vec_dot(D, &dot, 0, k, 0, qv, 0, 1);
-            s[r] = dot*scale + mv[t];
         }
     }
 }
 
-// one key's logits s[n_rows] (-inf: hidden) and V rows vf[H][D] into each query row's running max M, sum S
-// and weighted V sum acc: online softmax, as ggml's flash attention
-void online_softmax_add(const float * s, const float * vf, int64_t n_rows, int64_t n_head, int64_t G, int64_t D,
-                        float * M, float * S, float * acc) {
-    for (int64_t r = 0; r < n_rows; ++r) {
-        const float sv = s[r];
-        if (sv == -INFINITY) {
-            continue;
-        }
-        float ms = 1.0f;
-        float vs = 1.0f;
-        float * a = acc + r*D;
-        if (sv > M[r]) {
-            ms = expf(M[r] - sv);
-            M[r] = sv;
-            for (int64_t d = 0; d < D; ++d) {
-                a[d] *= ms;
-            }
-        } else {
-            vs = expf(sv - M[r]);
-        }
-        S[r] = S[r]*ms + vs;
-        const float * vrow = vf + ((r % n_head)/G)*D;
-        for (int64_t d = 0; d < D; ++d) {
-            a[d] += vs*vrow[d];
-        }
-    }
-}
+// a thread's scratch for one op call
+struct scratch {
+    query_rows qr;
+    std::vector<float> mask; // [n_tok][chunk keys]
+    std::vector<float> s;    // [n_rows][chunk keys]: logits, then exp(s - M)
+    std::vector<float> vf;   // [v_group][H*D]: V rows in f32
+    std::vector<float> fac;  // combine: [n_chunk][n_sel*n_head] exp(M_c - m)/l
+    std::vector<float> t1, t2;
+};
+
+//
+// split-K pass
+//
 
 // src: q, k_o, v_o, mask[, k_lo, v_lo]
+// Per chunk of keys, in three sweeps: the logits of every key (K rows read as they are), the chunk's max and
+// one exp per key and query row, then the V rows read once each and added with those weights. Within a
+// chunk no running max is rescaled: the chunks are short (n_kv/n_chunk keys) and their scratch stays in cache.
 void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto * p = (const llama_arkv_attn_params *) userdata;
     const ggml_tensor * q    = dst->src[0];
     const ggml_tensor * k_o  = dst->src[1];
     const ggml_tensor * v_o  = dst->src[2];
     const ggml_tensor * mask = dst->src[3];
-    const ggml_tensor * k_lo  = p->n_lo > 0 ? dst->src[4] : nullptr;
-    const ggml_tensor * v_lo  = p->n_lo > 0 ? dst->src[5] : nullptr;
+    const ggml_tensor * k_lo = p->n_lo > 0 ? dst->src[4] : nullptr;
+    const ggml_tensor * v_lo = p->n_lo > 0 ? dst->src[5] : nullptr;
 
     const int64_t D      = q->ne[0];
     const int64_t n_head = q->ne[1];
@@ -127,57 +358,150 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t G      = n_head/H;
     const int64_t n_rows = n_tok*n_head;
     const int64_t n_kv   = p->n_lo + p->n_o;
-    const int64_t sel0   = n_tok - p->n_sel;
+    const int64_t sel0   = n_tok - p->n_sel; // first scored query
+    const int64_t n_max  = (n_kv + p->n_chunk - 1)/p->n_chunk; // most keys in a chunk
 
     const part_view pv = { n_rows, D, (float *) dst->data };
-    float * logits = pv.m(p->n_chunk);
+    float * probs = pv.m(p->n_chunk); // [n_sel*n_head][n_kv]
 
     const auto * tr_f16 = ggml_get_type_traits_cpu(GGML_TYPE_F16);
     const auto * tr_klo = k_lo ? ggml_get_type_traits_cpu(k_lo->type) : nullptr;
-    const auto to_float_lo = v_lo ? ggml_get_type_traits(v_lo->type)->to_float : nullptr;
-    const size_t k_head = k_lo ? ggml_row_size(k_lo->type, D) : 0;
+    const row_reader read_v_lo = v_lo ? make_reader(v_lo->type) : row_reader();
+    const row_reader read_v_o  = make_reader(GGML_TYPE_F16);
+    const size_t k_head_lo = k_lo ? ggml_row_size(k_lo->type, D) : 0;
+    const size_t k_head_o  = D*sizeof(ggml_fp16_t);
+#ifdef ARKV_ATTN_AVX2
+    const bool k_grouped = k_lo && k_lo->type == GGML_TYPE_Q4_0 && tr_klo->vec_dot_type == GGML_TYPE_Q8_0 &&
+                           G <= dot_group_max;
+#endif
 
-    const query_rows qr = convert_queries(q, tr_klo);
-    std::vector<float> vf(D*H), s(n_rows), mv(n_tok);
+    scratch sc;
+    if (ith < p->n_chunk) {
+        convert_queries(q, tr_klo, sc.qr);
+    }
+    sc.mask.resize(n_tok*n_max);
+    sc.s.resize(n_rows*n_max);
+    sc.vf.resize(v_group*H*D);
+    const query_rows & qr = sc.qr;
+
     for (int64_t c = ith; c < p->n_chunk; c += nth) {
         float * M   = pv.m(c);
         float * S   = pv.s(c);
         float * acc = pv.acc(c);
-        std::fill_n(M, n_rows, -INFINITY);
-        std::fill_n(S, n_rows, 0.0f);
         std::fill_n(acc, n_rows*D, 0.0f);
 
-        const int64_t j0 = n_kv*c/p->n_chunk;
-        const int64_t j1 = n_kv*(c + 1)/p->n_chunk;
-        for (int64_t j = j0; j < j1; ++j) {
-            bool any = false;
+        const int64_t j0 = chunk_begin(n_kv, p->n_chunk, c);
+        const int64_t n  = chunk_begin(n_kv, p->n_chunk, c + 1) - j0;
+        float * s  = sc.s.data();  // [n_rows][n]
+        float * mv = sc.mask.data(); // [n_tok][n]
+
+        // this chunk's mask columns, in f32
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const char * row = (const char *) mask->data + t*mask->nb[1] + (p->start + j0)*ggml_element_size(mask);
+            if (mask->type == GGML_TYPE_F16) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, mv + t*n, n);
+            } else {
+                memcpy(mv + t*n, row, n*sizeof(float));
+            }
+        }
+
+        // 1. scaled logits, -inf where the mask hides the key
+        for (int64_t jj = 0; jj < n; ++jj) {
+            const int64_t j = j0 + jj;
+            const bool is_lo = j < p->n_lo;
+            const auto * tr = is_lo ? tr_klo : tr_f16;
+            const char * k_row = is_lo ? (const char *) k_lo->data + j*k_lo->nb[1]
+                                       : (const char *) k_o->data + (j - p->n_lo)*k_o->nb[1];
+            const size_t k_head = is_lo ? k_head_lo : k_head_o;
             for (int64_t t = 0; t < n_tok; ++t) {
-                mv[t] = mask_at(mask, p->start + j, t);
-                any = any || mv[t] != -INFINITY;
-            }
-            std::fill(s.begin(), s.end(), -INFINITY);
-            if (any) {
-                const bool is_lo = j < p->n_lo;
-                const char * k_row = is_lo ? (const char *) k_lo->data + j*k_lo->nb[1]
-                                          : (const char *) k_o->data + (j - p->n_lo)*k_o->nb[1];
-                key_logits(is_lo ? tr_klo : tr_f16, k_row, is_lo ? k_head : D*sizeof(ggml_fp16_t), qr, is_lo, mv.data(),
-                           p->scale, n_tok, n_head, G, D, s.data());
-                if (is_lo) {
-                    to_float_lo((const char *) v_lo->data + j*v_lo->nb[1], vf.data(), D*H);
-                } else {
-                    ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ((const char *) v_o->data + (j - p->n_lo)*v_o->nb[1]),
-                                          vf.data(), D*H);
+                const float m = mv[t*n + jj];
+                float * st = s + t*n_head*n + jj;
+                if (m == -INFINITY) {
+                    for (int64_t h = 0; h < n_head; ++h) {
+                        st[h*n] = -INFINITY;
+                    }
+                    continue;
                 }
-                online_softmax_add(s.data(), vf.data(), n_rows, n_head, G, D, M, S, acc);
-            }
-            for (int64_t ts = 0; ts < p->n_sel; ++ts) {
+#ifdef ARKV_ATTN_AVX2
+                // q4_0 rows: one call per KV head for its GQA group (the query rows t*n_head + hk*G + g)
+                if (is_lo && k_grouped) {
+                    for (int64_t hk = 0; hk < H; ++hk) {
+                        dot_q4_0_group(D, k_row + hk*k_head, qr.lo.data() + (t*n_head + hk*G)*qr.row_lo, qr.row_lo, G,
+                                       st + hk*G*n, n);
+                    }
+                    for (int64_t h = 0; h < n_head; ++h) {
+                        st[h*n] = st[h*n]*p->scale + m;
+                    }
+                    continue;
+                }
+#endif
                 for (int64_t h = 0; h < n_head; ++h) {
-                    logits[(ts*n_head + h)*n_kv + j] = s[(sel0 + ts)*n_head + h];
+                    const int64_t r = t*n_head + h;
+                    const void * qv = is_lo ? (const void *) (qr.lo.data() + r*qr.row_lo) : (const void *) (qr.f16.data() + r*D);
+                    float dot;
+                    tr->vec_dot(D, &dot, 0, k_row + (h/G)*k_head, 0, qv, 0, 1);
+                    st[h*n] = dot*p->scale + m;
                 }
             }
         }
+
+        // 2. the chunk's max and sum per query row; s becomes exp(s - M), 0 where hidden
+        for (int64_t r = 0; r < n_rows; ++r) {
+            float * sr = s + r*n;
+            float m = -INFINITY;
+            for (int64_t jj = 0; jj < n; ++jj) {
+                m = std::max(m, sr[jj]);
+            }
+            M[r] = m;
+            if (m == -INFINITY) {
+                std::fill_n(sr, n, 0.0f);
+                S[r] = 0.0f;
+            } else {
+                S[r] = exp_sub_sum(sr, n, m);
+            }
+        }
+
+        // 3. V rows, each read once, into every query row that sees the key: visible keys in groups of
+        //    v_group, so that each row's accumulator is loaded and stored once per group, not once per key
+        for (int64_t jj = 0; jj < n; ) {
+            int64_t keys[v_group];
+            int64_t nk = 0;
+            for (; jj < n && nk < v_group; ++jj) {
+                bool any = false;
+                for (int64_t t = 0; t < n_tok; ++t) {
+                    any = any || mv[t*n + jj] != -INFINITY;
+                }
+                if (!any) {
+                    continue;
+                }
+                const int64_t j = j0 + jj;
+                float * y = sc.vf.data() + nk*H*D;
+                if (j < p->n_lo) {
+                    read_v_lo((const char *) v_lo->data + j*v_lo->nb[1], y, H*D);
+                } else {
+                    read_v_o((const char *) v_o->data + (j - p->n_lo)*v_o->nb[1], y, H*D);
+                }
+                keys[nk++] = jj;
+            }
+            for (int64_t r = 0; r < n_rows; ++r) {
+                float w[v_group];
+                for (int64_t k = 0; k < nk; ++k) {
+                    w[k] = s[r*n + keys[k]];
+                }
+                axpy_group(acc + r*D, sc.vf.data() + ((r % n_head)/G)*D, H*D, w, nk, D);
+            }
+        }
+
+        // 4. the scored queries' exp(s - M_c), turned into probabilities by the combine
+        for (int64_t i = 0; i < p->n_sel*n_head; ++i) {
+            memcpy(probs + i*n_kv + j0, s + (sel0*n_head + i)*n, n*sizeof(float));
+        }
     }
 }
+
+//
+// combine pass
+//
 
 // the final max and sum of a row over the chunks
 void row_final(const part_view & pv, int64_t n_chunk, int64_t r, float & m, float & l) {
@@ -194,7 +518,8 @@ void row_final(const part_view & pv, int64_t n_chunk, int64_t r, float & m, floa
 }
 
 // the scored queries' attention probabilities, summed over them and the GQA group, into the accumulators
-// (src[1] acc_o, src[2] acc_lo); every thread needs the scored rows' final max and sum; keys are split over threads
+// (src[1] acc_o, src[2] acc_lo): p = exp(s - M_c) * exp(M_c - m)/l, the second factor once per chunk and
+// row; every thread needs those factors; keys are split over threads
 void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, const part_view & pv, int ith, int nth) {
     if (p->n_sel == 0) {
         return;
@@ -203,42 +528,67 @@ void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, cons
     const int64_t n_tok  = dst->ne[1];
     const int64_t n_kv   = p->n_lo + p->n_o;
     const int64_t sel0   = n_tok - p->n_sel;
-    ggml_tensor * acc_o = dst->src[1];
+    const int64_t n_scored = p->n_sel*n_head;
+    ggml_tensor * acc_o  = dst->src[1];
     ggml_tensor * acc_lo = p->n_lo > 0 ? dst->src[2] : nullptr;
     const int64_t H = acc_o->ne[0];
     const int64_t G = n_head/H;
-    const float * logits = pv.m(p->n_chunk);
-    std::vector<float> mf(p->n_sel*n_head), lf(p->n_sel*n_head);
-    for (int64_t i = 0; i < p->n_sel*n_head; ++i) {
-        row_final(pv, p->n_chunk, sel0*n_head + i, mf[i], lf[i]);
+    const float * probs = pv.m(p->n_chunk);
+
+    scratch sc;
+    sc.fac.resize(p->n_chunk*n_scored);
+    for (int64_t i = 0; i < n_scored; ++i) {
+        const int64_t r = sel0*n_head + i;
+        float m, l;
+        row_final(pv, p->n_chunk, r, m, l);
+        for (int64_t c = 0; c < p->n_chunk; ++c) {
+            sc.fac[c*n_scored + i] = l > 0.0f && pv.s(c)[r] > 0.0f ? expf(pv.m(c)[r] - m)/l : 0.0f;
+        }
     }
-    const int64_t j0 = n_kv*ith/nth;
-    const int64_t j1 = n_kv*(ith + 1)/nth;
-    for (int64_t j = j0; j < j1; ++j) {
-        const bool is_lo = j < p->n_lo;
-        ggml_tensor * acc = is_lo ? acc_lo : acc_o;
-        const int64_t slot = is_lo ? j : j - p->n_lo;
-        for (int64_t hk = 0; hk < H; ++hk) {
-            float s1 = 0.0f;
-            float s2 = 0.0f;
+
+    // this thread's keys [k0, k1), walked chunk by chunk (one factor per chunk and row)
+    const int64_t k0 = n_kv*ith/nth;
+    const int64_t k1 = n_kv*(ith + 1)/nth;
+    sc.t1.resize(k1 - k0);
+    sc.t2.resize(k1 - k0);
+    for (int64_t hk = 0; hk < H; ++hk) {
+        std::fill(sc.t1.begin(), sc.t1.end(), 0.0f);
+        std::fill(sc.t2.begin(), sc.t2.end(), 0.0f);
+        for (int64_t c = 0; c < p->n_chunk; ++c) {
+            const int64_t a = std::max(k0, chunk_begin(n_kv, p->n_chunk, c));
+            const int64_t b = std::min(k1, chunk_begin(n_kv, p->n_chunk, c + 1));
+            if (a >= b) {
+                continue;
+            }
             for (int64_t ts = 0; ts < p->n_sel; ++ts) {
                 for (int64_t h = hk*G; h < (hk + 1)*G; ++h) {
                     const int64_t i = ts*n_head + h;
-                    const float x = logits[i*n_kv + j];
-                    if (x == -INFINITY || lf[i] == 0.0f) {
+                    const float f = sc.fac[c*n_scored + i];
+                    if (f == 0.0f) {
                         continue;
                     }
-                    const float pr = expf(x - mf[i])/lf[i];
-                    s1 += pr;
-                    s2 += pr*pr;
+                    const float * pr = probs + i*n_kv;
+                    float * t1 = sc.t1.data() - k0;
+                    float * t2 = sc.t2.data() - k0;
+                    for (int64_t j = a; j < b; ++j) {
+                        const float x = pr[j]*f;
+                        t1[j] += x;
+                        t2[j] += x*x;
+                    }
                 }
             }
+        }
+        for (int64_t j = k0; j < k1; ++j) {
+            const float s1 = sc.t1[j - k0];
             if (s1 == 0.0f) {
-                continue;
+                continue; // hidden to every scored query (padding slots included: nothing is written there)
             }
+            const bool is_lo = j < p->n_lo;
+            ggml_tensor * acc = is_lo ? acc_lo : acc_o;
+            const int64_t slot = is_lo ? j : j - p->n_lo;
             char * a = (char *) acc->data + hk*acc->nb[0] + slot*acc->nb[1];
             *(float *) a += s1;
-            *(float *) (a + acc->nb[2]) += s2;
+            *(float *) (a + acc->nb[2]) += sc.t2[j - k0];
         }
     }
 }
@@ -265,11 +615,7 @@ void arkv_attn_combine(ggml_tensor * dst, int ith, int nth, void * userdata) {
             if (pv.s(c)[r] == 0.0f) {
                 continue;
             }
-            const float w = expf(pv.m(c)[r] - m)/l;
-            const float * a = pv.acc(c) + r*D;
-            for (int64_t d = 0; d < D; ++d) {
-                out[d] += w*a[d];
-            }
+            axpy(out, pv.acc(c) + r*D, expf(pv.m(c)[r] - m)/l, D);
         }
     }
 
@@ -290,6 +636,17 @@ ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tens
     GGML_ASSERT(p->n_sel >= 0 && p->n_sel <= n_tok && p->n_chunk >= 1 && n_kv > 0);
     GGML_ASSERT(p->n_lo == 0 || (k_lo && v_lo && k_lo->type == v_lo->type));
     GGML_ASSERT(p->n_sel == 0 || (acc_o && (p->n_lo == 0 || acc_lo)));
+    GGML_ASSERT(mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32);
+    // the V readers work per block of 32 (the block layouts above are checked against ggml's)
+    if (p->n_lo > 0) {
+        GGML_ASSERT(D % ggml_blck_size(v_lo->type) == 0);
+        switch (v_lo->type) {
+            case GGML_TYPE_Q4_0: GGML_ASSERT(ggml_type_size(v_lo->type) == sizeof(block_q4_0_view)); break;
+            case GGML_TYPE_Q4_1: GGML_ASSERT(ggml_type_size(v_lo->type) == sizeof(block_q4_1_view)); break;
+            case GGML_TYPE_Q8_0: GGML_ASSERT(ggml_type_size(v_lo->type) == sizeof(block_q8_0_view)); break;
+            default: break;
+        }
+    }
 
     ggml_tensor * args_a[6] = { q, k_o, v_o, mask, k_lo, v_lo };
     const int64_t n_part = p->n_chunk*n_tok*n_head*(D + 2) + p->n_sel*n_head*n_kv;

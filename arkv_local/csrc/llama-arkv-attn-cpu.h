@@ -2,9 +2,12 @@
 // that dequantizes on read (no f16 copy of the cache), and adds the last queries' attention
 // probabilities to the score accumulators on the way (no second QK^T for heavy-hitter scores).
 //
-// Two ggml custom ops: a split-K pass (chunks of keys -> running max, sum and weighted V per query
-// and head, plus the scored queries' logits) and a combine pass (output, then score accumulation
-// split over keys). Used for small ubatches (decoding) when the pools live in host memory.
+// Two ggml custom ops: a split-K pass (chunks of keys -> max, sum and weighted V per query and head,
+// plus the scored queries' exp(logit - chunk max), so that scoring needs no second exp) and a combine
+// pass (output, then score accumulation split over keys). Used for small ubatches (decoding) when the
+// pools live in host memory. LO rows are read as they are: K . q on q4_0 rows in integers against the
+// query quantized once to q8_0 (the key's nibbles unpacked once per GQA group), V rows dequantized
+// with SIMD into a small buffer and added in groups of keys. Where the time goes: docs/PROFILE.md.
 
 #pragma once
 
