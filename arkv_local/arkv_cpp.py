@@ -208,6 +208,11 @@ def llama_arkv_get_scores(ctx: int, sum_o: ctypes._Pointer, sum_sq_o: ctypes._Po
                           sum_s: ctypes._Pointer, sum_sq_s: ctypes._Pointer, /) -> int: ...
 
 
+# LLAMA_API int32_t llama_arkv_apply_plan(struct llama_context * ctx);
+@ctypes_function("llama_arkv_apply_plan", [_ctx_p], ctypes.c_int32)
+def llama_arkv_apply_plan(ctx: int, /) -> int: ...
+
+
 # LLAMA_API void llama_arkv_set_recall(struct llama_context * ctx, bool on);
 @ctypes_function("llama_arkv_set_recall", [_ctx_p, ctypes.c_bool], None)
 def llama_arkv_set_recall(ctx: int, on: bool, /) -> None: ...

@@ -182,8 +182,10 @@ class Llama(llama_cpp.Llama):
     def save_state(self) -> ArkvState:
         """As llama_cpp.Llama.save_state, plus the policy's Python side (statistics, ratios,
         its memory, counters) as plain data: llama_cpp's prompt caches keep both."""
-        session = None if self._tailor is None else self._tailor.session.snapshot()
-        return ArkvState(super().save_state(), session)
+        if self._tailor is None:
+            return ArkvState(super().save_state(), None)
+        self._tailor.kv.apply()  # a plan still pending is part of the state
+        return ArkvState(super().save_state(), self._tailor.session.snapshot())
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
         """As llama_cpp.Llama.load_state; with a policy its Python side comes back too, so that

@@ -214,6 +214,11 @@ class TriStateKV:
             [self._split(b, infos, p) for b, p in zip(x, "oqs", strict=True)] for x in (sums, sqs))
         return Scores(n, m_o, sq_o, m_q, sq_q, m_s, sq_s)
 
+    def apply(self) -> None:
+        """Apply the pending plan now (else it is applied before the next decode)."""
+        if arkv_cpp.llama_arkv_apply_plan(self.ctx) < 0:
+            raise RuntimeError(f"the pending plan failed: {last_error()}")
+
     def set_recall(self, on: bool) -> None:
         """While on, every ubatch also attends over (and scores) the spilled rows."""
         arkv_cpp.llama_arkv_set_recall(self.ctx, on)

@@ -108,6 +108,7 @@ class Tailor:
         finally:
             self.kv.set_recall(False)
         self.tailor(self.policy.slack, pos_max + tail, recall=True)
+        self.kv.apply()  # now: a state saved before the next decode holds the recalled rows
         self.session.n_recalls += 1
         self.session.recall_seconds += time.perf_counter() - t0
 

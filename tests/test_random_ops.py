@@ -337,7 +337,7 @@ class Walk:
         assert self.llm.n_tokens == e.pos_max + 1
         assert llama_cpp.llama_memory_seq_pos_max(self.memory, 0) == e.pos_max
         assert llama_cpp.llama_memory_seq_pos_min(self.memory, 0) == e.pos_min()
-        assert mem.free_slots() == min(i.cap_o - i.n_o for i in infos)
+        assert mem.free_slots() == e.free_after_pending()  # a pending plan's layout counts
         for li, info in enumerate(infos):
             # the layer's pools: counts within capacities, bytes that add up
             assert (info.cap_o, info.n_o, info.n_q) == (e.cap_o[li], len(e.o[li]), len(e.q[li]))

@@ -140,6 +140,16 @@ uint32_t llama_arkv_get_scores(const struct llama_context * ctx,
     return kv->get_n_scored();
 }
 
+int32_t llama_arkv_apply_plan(struct llama_context * ctx) {
+    auto * kv = arkv_of(ctx);
+    if (!kv) {
+        llama_arkv_set_error("the context's KV memory is not ARKV");
+        return -1;
+    }
+    llama_synchronize(ctx); // the last decode's graph may still read the pools
+    return kv->apply_pending(ctx);
+}
+
 void llama_arkv_set_recall(struct llama_context * ctx, bool on) {
     auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);

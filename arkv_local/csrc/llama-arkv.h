@@ -107,6 +107,10 @@ extern "C" {
                                              float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q,
                                              float * sum_s, float * sum_sq_s);
 
+    // apply the pending plan now instead of before the next decode (so that a state saved next holds
+    // it); 0 on success, 1 if none is pending, -1 if it failed (llama_arkv_last_error says why)
+    LLAMA_API int32_t llama_arkv_apply_plan(struct llama_context * ctx);
+
     // while on, every ubatch attends over the spilled rows too (and scores them): a recall pass, run
     // on the last tokens of a prompt so that the plan after it can bring back what the question needs
     LLAMA_API void llama_arkv_set_recall(struct llama_context * ctx, bool on);

@@ -128,6 +128,8 @@ public:
     // validate and queue a plan; it is applied by the next memory update (before the next decode)
     // returns an empty string on success, else what is wrong (nothing is changed then)
     std::string submit_plan(const llama_arkv_layer_plan * plans);
+    // apply the pending plan now: 0 applied, 1 none pending, -1 failed (see apply_plan)
+    int32_t apply_pending(llama_context * lctx) { return pending.empty() ? 1 : apply_plan(lctx) ? 0 : -1; }
 
     // statistics of the next decode's last ubatch (see llama-arkv.h)
     void request_stats();
