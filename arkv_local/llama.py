@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from typing import Any
 import llama_cpp
 
 from . import defaults
-from .memory import QUANT_TYPES, MemoryParams, TriStateKV, armed, quant_slot_bytes
+from .memory import MemoryParams, TriStateKV, armed, quant_slot_bytes
 from .models import ModelShape, check_gguf, default_model_path, gguf_load_errors, model_shape
 from .policies import KV_POLICIES, Policy, make_policy
 from .state import ArkvState
@@ -109,16 +110,17 @@ class Llama(llama_cpp.Llama):
         if kv_observe < int(observes):
             raise ValueError(f"kv_observe must be >= {int(observes)} with kv_policy "
                              f"{self.kv_policy!r}, got {kv_observe}")
-        cap_s = spill_slots(kv_spill, kv_spill_bytes, shape, kv_quant, n_ctx)
-        if cap_s and kv_observe < 1:
-            raise ValueError(f"kv_spill={kv_spill!r} needs kv_observe >= 1 (the queries that "
-                             "recall spilled rows); pass kv_spill=None to evict instead")
         params = MemoryParams(budget_bytes=layer_bytes, quant=kv_quant, rotate=kv_rotate,
-                              n_score_queries=kv_observe if observes else 0,
-                              cap_s=cap_s, spill_dir=spill_dir)
+                              n_score_queries=kv_observe if observes else 0)
         if "n_ctx" not in kwargs and not kwargs.get("logits_all", False) \
                 and shape.n_ctx_train > 0:
             kwargs["n_ctx"] = shape.n_ctx_train  # no window asked for: run past the cache
+        cap_s = spill_slots(kv_spill, kv_spill_bytes, shape, kv_quant,
+                            kwargs.get("n_ctx", 512) or shape.n_ctx_train)
+        if cap_s and kv_observe < 1:
+            raise ValueError(f"kv_spill={kv_spill!r} needs kv_observe >= 1 (the queries that "
+                             "recall spilled rows); pass kv_spill=None to evict instead")
+        params = dataclasses.replace(params, cap_s=cap_s, spill_dir=spill_dir)
         with gguf_load_errors(path), armed(params):
             super().__init__(os.fspath(path), **kwargs)
         self._n_ctx_train = shape.n_ctx_train
@@ -259,7 +261,6 @@ def _layer_budget(slot_f16: int, n_layer: int, tokens: int | None, total_bytes: 
     return tokens * slot_f16
 
 
-
 SPILL_KINDS = ("host", "disk")
 
 
@@ -283,11 +284,10 @@ def check_spill(kind: str | None, total_bytes: int | None,
 
 def spill_slots(kind: str | None, total_bytes: int | None, shape: ModelShape, quant: str,
                 n_ctx: int) -> int:
-    """Spilled slots per layer: kv_spill_bytes' worth, else every position of the window."""
+    """Spilled slots per layer: kv_spill_bytes' worth, else every position of the window
+    (n_ctx); quant is a checked kv_quant."""
     if kind is None:
         return 0
-    if quant not in QUANT_TYPES:
-        return 1  # MemoryParams names the bad type
     slot = quant_slot_bytes(quant, shape.head_dim * shape.n_head_kv)
     if total_bytes is None:
         return n_ctx

@@ -281,3 +281,14 @@ def test_a_saved_state_holds_the_spilled_rows(tiny_llama: Path) -> None:  # noqa
     with pytest.raises(RuntimeError, match="Failed to set"):
         small.load_state(saved)
     del llm, small
+
+
+def test_the_spill_holds_the_window_or_the_bytes_given(smollm2: Path) -> None:
+    llm = Llama(smollm2, kv_policy="arkv", kv_budget=256, verbose=False)  # window: trained
+    assert llm._tailor.params.cap_s == llm.n_ctx() == 8192
+    # a 4-bit token of SmolLM2 costs 30 layers x 2 x 192 / 32 x 18 bytes = 6480
+    llm = Llama(smollm2, kv_policy="arkv", kv_budget=256, n_ctx=1024,
+                kv_spill_bytes=6480 * 100 + 1, verbose=False)
+    assert llm._tailor.params.cap_s == 100
+    assert Llama(smollm2, kv_policy="arkv", kv_budget=256, n_ctx=1024, kv_spill=None,
+                 verbose=False)._tailor.params.cap_s == 0
