@@ -17,15 +17,16 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# llama-cpp-python goes in as pure Python (its own llama.cpp build off), from the same
-# verified sdist our build uses; then our package builds the one patched libllama.
+# The README's pip route (one pip command), without build isolation so that build/ persists.
+# CMAKE_ARGS reaches both builds: llama-cpp-python's (its llama.cpp off: pure Python) and ours
+# (the one patched libllama). --no-cache-dir: pip would cache that library-less llama-cpp-python
+# and give it to the next plain `pip install llama-cpp-python==0.3.36`.
 $(STAMP): $(BIN)/python $(SOURCES)
 	@command -v $${CXX:-c++} >/dev/null || { echo "error: no C++ compiler (c++) found: install g++ or clang" >&2; exit 1; }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "scikit-build-core>=0.10" cmake ninja pytest ruff
-	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install -q \
-	  "$$($(BIN)/python arkv_local/_vendor.py sdist)"
-	$(BIN)/python -m pip install --no-build-isolation ".[test]"
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF $$CMAKE_ARGS" $(BIN)/python -m pip install \
+	  --no-cache-dir --no-build-isolation ".[test]"
 	$(BIN)/python -c "import arkv_local; arkv_local.default_model_path()"  # fetch once, offline after
 	touch $@
 

@@ -6,6 +6,7 @@ library only and never imports the rest of the package.
     python arkv_local/_vendor.py prepare            # fetch, verify, unpack, patch
     python arkv_local/_vendor.py sdist              # print the verified sdist's path
     python arkv_local/_vendor.py diff NAME FILE...  # write patches/NAME from edited files
+    python arkv_local/_vendor.py tests              # unpack llama-cpp-python's own tests/
 """
 
 from __future__ import annotations
@@ -50,9 +51,14 @@ class Pin:
         return f"{self.package.replace('-', '_')}-{self.version}.tar.gz"
 
     @property
+    def root_prefix(self) -> str:
+        """The sdist's top directory, as its member names start."""
+        return f"{self.package.replace('-', '_')}-{self.version}/"
+
+    @property
     def tree_prefix(self) -> str:
         """Path of llama.cpp inside the sdist."""
-        return f"{self.package.replace('-', '_')}-{self.version}/vendor/llama.cpp/"
+        return f"{self.root_prefix}vendor/llama.cpp/"
 
 
 def read_pin(root: Path = ROOT) -> Pin:
@@ -191,6 +197,49 @@ def prepare(root: Path = ROOT) -> Path:
     return tree
 
 
+# llama-cpp-python's own test suite and the one file it opens from the sdist (its MODEL, a vocab)
+UPSTREAM_TESTS = ("tests/", "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf")
+
+
+def upstream_tests(dest: Path | None = None, root: Path = ROOT) -> Path:
+    """llama-cpp-python's own tests (UPSTREAM_TESTS) unpacked from the pinned sdist, once: into
+    dest (default: the cache) under a name with the sdist's hash, reused while its stamp is there.
+
+    Returns the directory the tests run from (they open ./vendor/llama.cpp/models/...). Unpacked
+    in a temporary directory renamed into place, so concurrent callers never see half of it.
+    """
+    pin = read_pin(root)
+    base = dest if dest is not None else cache_dir() / "upstream-tests"
+    out = base / f"{pin.root_prefix.rstrip('/')}-{pin.sdist_sha256[:12]}"
+    if (out / STAMP).is_file():
+        return out
+    sdist = find_sdist(pin)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix=".unpack-"))
+    try:
+        with tarfile.open(sdist) as tar:
+            for member in tar:
+                rel = member.name.removeprefix(pin.root_prefix)
+                if rel == member.name or not any(
+                        rel.startswith(p) if p.endswith("/") else rel == p
+                        for p in UPSTREAM_TESTS):
+                    continue
+                member.name = rel
+                tar.extract(member, tmp, **_SAFE_EXTRACT)
+        if not (tmp / "tests").is_dir():
+            raise VendorError(f"{sdist.name} has no tests/ directory")
+        (tmp / STAMP).write_text(json.dumps({"sdist_sha256": pin.sdist_sha256,
+                                             "members": list(UPSTREAM_TESTS)}, indent=1))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process put it there first
+            if not (out / STAMP).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def diff(name: str, files: list[str], root: Path = ROOT) -> Path:
     """Write patches/<name> as the difference between the pinned and the edited files."""
     pin = read_pin(root)
@@ -219,12 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("diff", help="write patches/NAME from edited vendor/llama.cpp files")
     d.add_argument("name")
     d.add_argument("files", nargs="+", help="paths relative to vendor/llama.cpp")
+    sub.add_parser("tests", help="unpack llama-cpp-python's own tests/ and print where")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "prepare":
             print(f"arkv_local: llama.cpp ready in {prepare()}")
         elif args.cmd == "sdist":
             print(find_sdist(read_pin()))
+        elif args.cmd == "tests":
+            print(upstream_tests())
         else:
             print(f"arkv_local: wrote {diff(args.name, args.files)}")
     except VendorError as e:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from . import defaults
 from .memory import MemoryParams, TriStateKV, armed, quant_slot_bytes
@@ -19,7 +22,9 @@ from .policies import KV_POLICIES, Policy, make_policy
 from .state import ArkvState
 from .tailoring import KVStats, LayerKVStats, Tailor
 
-__all__ = ["KV_POLICIES", "Llama"]
+__all__ = ["KV_POLICIES", "ContextWindowExceeded", "Llama"]
+
+log = logging.getLogger("arkv_local")
 
 
 class Llama(llama_cpp.Llama):
@@ -134,40 +139,168 @@ class Llama(llama_cpp.Llama):
         if self._tailor is None:
             return super().eval(tokens)
         tokens = list(tokens)
-        if self.n_tokens + len(tokens) > self._n_ctx:
-            limit = "the model's trained limit" if self._n_ctx == self._n_ctx_train else "n_ctx"
-            raise ValueError(f"{self.n_tokens + len(tokens)} positions exceed the context "
-                             f"window of {self._n_ctx} ({limit})")
+        if not tokens:
+            return
         memory = llama_cpp.llama_get_memory(self.ctx)
-        if not llama_cpp.llama_memory_seq_rm(memory, -1, self.n_tokens, -1):
-            # the cache was tailored past this point: re-read the kept prefix from scratch
+        held = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
+        if held < self.n_tokens or not llama_cpp.llama_memory_seq_rm(memory, -1, self.n_tokens,
+                                                                    -1):
+            # the cache was tailored past this point, or it lost its rows (an update that
+            # failed cleared it): re-read the kept prefix from scratch
             tokens = self.input_ids[: self.n_tokens].tolist() + tokens
             self.n_tokens = 0
         if self.n_tokens == 0:
             llama_cpp.llama_memory_clear(memory, True)
             self._tailor.start_sequence()
         step = min(self.n_batch, self._tailor.max_chunk)
-        chunks = range(0, len(tokens), step)
-        if self.progress_bar and len(chunks) > 4:
+        bar = None
+        if self.progress_bar and len(tokens) > 4 * step:
             from tqdm import tqdm
 
-            chunks = tqdm(chunks, desc="reading prompt", unit="chunk", file=sys.stderr)
+            bar = tqdm(total=len(tokens), desc="reading prompt", unit="token", file=sys.stderr)
         # a prompt's last tokens also read the spilled rows: the question recalls what it needs
         tail = max(0, min(len(tokens) - 1, self._tailor.recall_tokens))
-        tail_start, recall = len(tokens) - tail, None
-        for i in chunks:
-            chunk = tokens[i : i + step]
-            if recall is None and tail and i + len(chunk) > tail_start:
-                recall = self._tailor.spilled()  # decided when the chunks reach the tail
-            if recall:
-                chunk = chunk[: max(0, tail_start - i)]
-            if chunk:
-                self._tailor.before_decode(len(chunk), self.n_tokens - 1)
-                super().eval(chunk)
-        if recall:
+        stop, decided, i = len(tokens), tail == 0, 0
+        while i < stop:
+            n = min(step, stop - i)
+            if not decided and i + n > len(tokens) - tail:
+                decided = True  # when the chunks reach the tail
+                if self._tailor.spilled():
+                    stop = len(tokens) - tail
+                    continue
+            n = self._make_room(n)
+            self._tailor.before_decode(n, self.n_tokens - 1)
+            super().eval(tokens[i : i + n])
+            i += n
+            if bar is not None:
+                bar.update(n)
+        if stop < len(tokens):
+            while self._make_room(tail) < tail:  # the tail is read in one pass
+                pass
             self._tailor.recall(tail, self.n_tokens - 1,
                                 lambda: super(Llama, self).eval(tokens[-tail:]))
+        if bar is not None:
+            bar.close()
         self._tailor.end_of_prompt()
+
+    def _make_room(self, n: int) -> int:
+        """How many of n new tokens the window takes now; when it is full, a context shift
+        first (as llama.cpp's: the policy's sinks stay, half of the other positions leave and
+        the later rows move back), so that a sequence goes on past n_ctx in the same memory."""
+        room = self._n_ctx - self.n_tokens
+        if room >= n:
+            return n
+        assert self._tailor is not None
+        n_keep = self._tailor.policy.sinks
+        n_discard = min((self._n_ctx - n_keep) // 2, self.n_tokens - n_keep)
+        if n_discard < 1:
+            raise ValueError(f"{n} tokens do not fit a context window of {self._n_ctx} "
+                             f"positions after {self.n_tokens} (the policy keeps its first "
+                             f"{n_keep})")
+        end, ids = self.n_tokens, self.input_ids
+        self._tailor.shift(n_keep, n_discard, ids[n_keep : n_keep + n_discard].tolist(),
+                           pos_max=end - 1)
+        ids[n_keep : end - n_discard] = ids[n_keep + n_discard : end].copy()
+        if self._logits_all:
+            self.scores[n_keep : end - n_discard] = self.scores[n_keep + n_discard : end].copy()
+        self.n_tokens = end - n_discard
+        return min(n, room + n_discard)
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
+        """As llama_cpp.Llama.generate; with a policy it goes on past the window (context
+        shifts) with the same sampler, so penalties and grammars carry on."""
+        if self._tailor is None:
+            return super().generate(tokens, *args, **kwargs)
+        call = _GENERATE.bind(self, tokens, *args, **kwargs)
+        call.apply_defaults()
+        options = {k: v for k, v in call.arguments.items() if k not in ("self", "tokens")}
+        return self._generate_past_window(list(tokens), options)
+
+    def _generate_past_window(self, tokens: list[int], options: dict[str, Any]) -> Iterator[int]:
+        # llama_cpp's generate reads the prompt in one eval and then samples at its last
+        # position: a prompt past the window is read here first (eval shifts as it goes)
+        reset = options.pop("reset")
+        if len(tokens) + (0 if reset else self.n_tokens) > self._n_ctx:
+            if not reset or _common_prefix(tokens, self.input_ids[: self.n_tokens]) \
+                    == self.n_tokens:
+                tokens = tokens[self.n_tokens if reset else 0 :]  # continues the cache
+            else:
+                self.reset()
+            self.eval(tokens)
+            tokens, reset = [], False
+        carried = None  # the sampler of the generation a context shift interrupted
+        while True:
+            inner = super().generate(tokens, reset=reset, **options)
+            try:
+                token = _first(inner, self, carried)
+                while True:
+                    sent = yield token
+                    tokens = [token, *(sent or [])]
+                    if self.n_tokens + len(tokens) > self._n_ctx:
+                        break
+                    token = inner.send(sent)
+            except StopIteration:
+                return
+            carried = self._sampler
+            inner.close()
+            self._make_room(len(tokens))
+            reset = False
+
+    def create_completion(self, prompt: str | list[int], *args: Any,
+                          **kwargs: Any) -> Any:
+        """As llama_cpp.Llama.create_completion; with a policy, a prompt of tokens (as the chat
+        handlers send) that continues the sequence past context shifts reads only what is
+        new, after a shift that leaves max_tokens of room."""
+        if self._tailor is None or not isinstance(prompt, list) or not prompt:
+            return super().create_completion(prompt, *args, **kwargs)
+        call = _COMPLETION.bind(self, prompt, *args, **kwargs)
+        call.apply_defaults()
+        options = {k: v for k, v in call.arguments.items() if k not in ("self", "prompt")}
+        if options["suffix"] is None and not options["echo"] and options["logprobs"] is None:
+            prompt = self._held_prompt(prompt, options["max_tokens"])
+        if len(prompt) >= self._n_ctx:
+            raise ContextWindowExceeded(f"Requested tokens ({len(prompt)}) exceed context "
+                                        f"window of {self._n_ctx}")
+        return super().create_completion(prompt, **options)
+
+    def _held_prompt(self, prompt: list[int], max_tokens: int | None) -> list[int]:
+        """`prompt` as the cache holds its history (the tokens shifts took out are not sent
+        again), the window shifted first if the answer would not fit."""
+        s, n_keep = self._tailor.session, self._tailor.policy.sinks
+        held = self.input_ids[: self.n_tokens]
+        if s.dropped:
+            history = np.concatenate([held[:n_keep], s.dropped, held[n_keep:]])
+            m = _common_prefix(prompt, history)
+            if m > n_keep + len(s.dropped):
+                prompt = held[: m - len(s.dropped)].tolist() + prompt[m:]
+        new, answer = len(prompt) - self.n_tokens, max(max_tokens or 0, 0)
+        if self.n_tokens > 0 and new > 0 and len(prompt) + answer >= self._n_ctx and \
+                _common_prefix(prompt, held) == self.n_tokens:
+            self._make_room(new + answer + 1)
+            prompt = self.input_ids[: self.n_tokens].tolist() + prompt[-new:]
+        return prompt
+
+    def create_chat_completion(self, messages: list[Any], *args: Any, **kwargs: Any) -> Any:
+        """As llama_cpp.Llama.create_chat_completion; with a policy, a history longer than the
+        window loses its oldest turns (system messages stay), as llama.cpp's server
+        truncates, and a log line says so."""
+        if self._tailor is None:
+            return super().create_chat_completion(messages, *args, **kwargs)
+        sent = list(messages)
+        while True:
+            try:
+                out = super().create_chat_completion(sent, *args, **kwargs)
+            except ContextWindowExceeded:
+                shorter = _without_oldest_turn(sent)
+                if shorter is None:
+                    raise
+                sent = shorter
+                continue
+            if len(sent) < len(messages):
+                log.warning("arkv_local: the chat history passes the context window of %d "
+                            "tokens: its %d oldest messages were left out",
+                            self._n_ctx, len(messages) - len(sent))
+            return out
 
     def kv_stats(self) -> KVStats:
         """KV memory in use and per layer O/Q/E counts (with "full": the f16 cache's)."""
@@ -232,7 +365,8 @@ class Llama(llama_cpp.Llama):
             return model_path, llama_kwargs
 
         # llama_cpp's own steps (file search, download, cache), with `cls` standing for the load
-        fetch = llama_cpp.Llama.from_pretrained.__func__  # type: ignore[attr-defined]
+        # (llama_cpp.llama.Llama: code that swaps llama_cpp.Llama for this class still works)
+        fetch = llama_cpp.llama.Llama.from_pretrained.__func__  # type: ignore[attr-defined]
         try:
             model_path, llama_kwargs = fetch(downloaded, repo_id, filename, *args, **kwargs)
         except (ValueError, TypeError, ImportError):
@@ -244,6 +378,45 @@ class Llama(llama_cpp.Llama):
                 "and pass model_path=..."
             ) from e
         return cls(model_path, **llama_kwargs)
+
+
+class ContextWindowExceeded(ValueError):
+    """A prompt does not fit the context window (llama_cpp raises ValueError likewise)."""
+
+
+_GENERATE = inspect.signature(llama_cpp.Llama.generate)
+_COMPLETION = inspect.signature(llama_cpp.Llama.create_completion)
+
+
+def _first(inner: Iterator[int], llm: Llama, sampler: Any) -> int:
+    """The first token of llama_cpp's generate, sampled by `sampler` if given (a generation
+    that goes on after a context shift), not by a fresh one."""
+    if sampler is None:
+        return next(inner)
+    llm._init_sampler = lambda *args, **kwargs: sampler  # type: ignore[method-assign]
+    try:
+        return next(inner)
+    finally:
+        del llm._init_sampler
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
+def _without_oldest_turn(messages: list[Any]) -> list[Any] | None:
+    """The messages without their oldest turn (up to the next user message); system
+    messages stay. None when only the last turn is left."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), None)
+    if first is None:
+        return None
+    rest = next((i for i in range(first + 1, len(messages))
+                 if messages[i].get("role") == "user"), None)
+    if rest is None:
+        return None
+    return messages[:first] + messages[rest:]
 
 
 def _layer_budget(slot_f16: int, n_layer: int, tokens: int | None, total_bytes: int | None,

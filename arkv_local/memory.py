@@ -215,9 +215,22 @@ class TriStateKV:
         return Scores(n, m_o, sq_o, m_q, sq_q, m_s, sq_s)
 
     def apply(self) -> None:
-        """Apply the pending plan now (else it is applied before the next decode)."""
+        """Apply what is pending now (else it is applied before the next decode): rows that
+        llama_memory_seq_rm removed, the K rotation that llama_memory_seq_add owes to the rows it
+        shifted, then the plan. A state can be saved only once they are applied."""
         if arkv_cpp.llama_arkv_apply_plan(self.ctx) < 0:
-            raise RuntimeError(f"the pending plan failed: {last_error()}")
+            raise RuntimeError(f"the pending update failed: {last_error()}")
+
+    def shift(self, n_keep: int, n_discard: int) -> None:
+        """Context shift, as llama.cpp's: positions [n_keep, n_keep + n_discard) leave the
+        cache and every later row moves back by n_discard (its key re-roped), at once."""
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        self.apply()
+        if not llama_cpp.llama_memory_seq_rm(mem, 0, n_keep, n_keep + n_discard):
+            raise RuntimeError(f"the context shift could not remove positions {n_keep} to "
+                               f"{n_keep + n_discard - 1}: {last_error() or 'refused'}")
+        llama_cpp.llama_memory_seq_add(mem, 0, n_keep + n_discard, -1, -n_discard)
+        self.apply()
 
     def set_recall(self, on: bool) -> None:
         """While on, every ubatch also attends over (and scores) the spilled rows."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import mmap
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -143,12 +146,23 @@ def gguf_load_errors(path: str | os.PathLike[str]) -> Iterator[None]:
 
 def model_shape(path: str | os.PathLike[str]) -> ModelShape:
     """The KV-relevant shape of a model, from its GGUF header (see read_gguf for bad files)."""
-    fields = read_gguf(path).fields
+    p = check_gguf(path)
+    st = p.stat()
+    return _model_shape(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_shape(path: str, size: int, mtime_ns: int) -> ModelShape:
+    try:
+        fields = read_scalar_fields(path)
+    except (ValueError, struct.error, UnicodeDecodeError):
+        read_gguf(path)  # the error that names the problem
+        raise
 
     def get(key: str) -> int | None:
-        return int(fields[key].contents()) if key in fields else None
+        return int(fields[key]) if key in fields else None
 
-    arch = str(fields["general.architecture"].contents())
+    arch = str(fields["general.architecture"])
     n_head = get(f"{arch}.attention.head_count") or 0
     n_embd = get(f"{arch}.embedding_length") or 0
     return ModelShape(
@@ -159,6 +173,60 @@ def model_shape(path: str | os.PathLike[str]) -> ModelShape:
         head_dim=get(f"{arch}.attention.key_length") or (n_embd // n_head if n_head else 0),
         n_ctx_train=get(f"{arch}.context_length") or 0,
     )
+
+
+# GGUF value types: fixed-size scalars (struct formats), string (8) and array (9)
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_scalar_fields(path: str | os.PathLike[str]) -> dict[str, int | float | bool | str]:
+    """The scalar and string key-value fields of a GGUF header, arrays skipped (a vocabulary's
+    tens of thousands of strings are what makes gguf's full reader take seconds)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file")
+        version, _, n_kv = struct.unpack_from("<IQQ", m, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported")
+
+        def string(off: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", m, off)
+            if off + 8 + n > len(m):
+                raise ValueError("a string runs past the end of the file")
+            return bytes(m[off + 8 : off + 8 + n]).decode("utf-8"), off + 8 + n
+
+        def skip(kind: int, off: int) -> int:
+            if kind in _GGUF_SCALARS:
+                return off + struct.calcsize(_GGUF_SCALARS[kind])
+            if kind == _GGUF_STRING:
+                (n,) = struct.unpack_from("<Q", m, off)
+                return off + 8 + n
+            if kind == _GGUF_ARRAY:
+                elem, count = struct.unpack_from("<IQ", m, off)
+                off += 12
+                if elem in _GGUF_SCALARS:
+                    return off + count * struct.calcsize(_GGUF_SCALARS[elem])
+                for _ in range(count):
+                    off = skip(elem, off)
+                return off
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        out: dict[str, int | float | bool | str] = {}
+        off = 24
+        for _ in range(n_kv):
+            key, off = string(off)
+            (kind,) = struct.unpack_from("<I", m, off)
+            off += 4
+            if kind in _GGUF_SCALARS:
+                (out[key],) = struct.unpack_from(_GGUF_SCALARS[kind], m, off)
+            elif kind == _GGUF_STRING:
+                out[key] = string(off)[0]
+            off = skip(kind, off)
+            if off > len(m):
+                raise ValueError("the header runs past the end of the file")
+        return out
 
 
 def f16_slot_bytes(path: str | os.PathLike[str]) -> int:

@@ -32,6 +32,10 @@ class Session:
     tailoring_seconds: float = field(default=0.0, init=False)
     n_recalls: int = field(default=0, init=False)  # prompts whose tail read the spilled rows
     recall_seconds: float = field(default=0.0, init=False)
+    n_shifts: int = field(default=0, init=False)  # context shifts (positions past the window)
+    # the tokens context shifts took out of the window, in order: the sequence's history is
+    # the cache's first n_keep tokens, these, then the rest of the cache's tokens
+    dropped: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.start_sequence()
@@ -42,6 +46,7 @@ class Session:
         self.stats = None
         self.ratios = np.ones(self.n_layer)
         self.measuring = self.policy.needs_stats
+        self.dropped = []
 
     def snapshot(self) -> dict[str, Any]:
         """Everything above as plain data (json.dumps-able; arrays bit for bit)."""
@@ -53,6 +58,7 @@ class Session:
             "n_tailorings": self.n_tailorings,
             "tailoring_seconds": self.tailoring_seconds,
             "n_recalls": self.n_recalls, "recall_seconds": self.recall_seconds,
+            "n_shifts": self.n_shifts, "dropped": list(self.dropped),
             "policy_state": self.policy.snapshot(),
         }
 
@@ -75,7 +81,10 @@ class Session:
         counters = (int(data["n_tailorings"]), float(data["tailoring_seconds"]),
                     int(data.get("n_recalls", 0)), float(data.get("recall_seconds", 0.0)))
         measuring = bool(data["measuring"])
+        n_shifts = int(data.get("n_shifts", 0))
+        dropped = [int(t) for t in data.get("dropped", [])]
         self.policy.restore(data["policy_state"])  # raises before it changes anything
         self.stats, self.ratios, self.measuring = stats, ratios, measuring
         (self.n_tailorings, self.tailoring_seconds,
          self.n_recalls, self.recall_seconds) = counters
+        self.n_shifts, self.dropped = n_shifts, dropped

@@ -33,14 +33,15 @@ class KVStats:
 
     bytes_used: int        # KV bytes the pools hold now
     bytes_budget: int      # KV bytes the pools may hold
-    bytes_f16: int         # what an f16 cache would hold for every position seen
-    n_tokens: int          # positions seen
+    bytes_f16: int         # what an f16 cache would hold for every token seen
+    n_tokens: int          # tokens seen (context shifts included)
     layers: list[LayerKVStats]
     n_tailorings: int
     tailoring_seconds: float
     bytes_spill: int = 0   # host bytes of the spilled rows (outside the budget)
     n_recalls: int = 0     # prompts whose last tokens read the spilled rows
     recall_seconds: float = 0.0  # time those recall passes took, plans included
+    n_shifts: int = 0      # context shifts: positions moved back to stay in the window
 
 
 class Tailor:
@@ -108,17 +109,31 @@ class Tailor:
         finally:
             self.kv.set_recall(False)
         self.tailor(self.policy.slack, pos_max + tail, recall=True)
-        self.kv.apply()  # now: a state saved before the next decode holds the recalled rows
         self.session.n_recalls += 1
         self.session.recall_seconds += time.perf_counter() - t0
 
+    def shift(self, n_keep: int, n_discard: int, dropped: list[int], pos_max: int) -> None:
+        """Context shift (the window is full): positions [n_keep, n_keep + n_discard), the
+        tokens `dropped`, leave the cache and later rows move back by n_discard. A plan evicts
+        them first (every other row stays where it is), so that every KV head loses as many
+        rows: a layer's heads hold equal counts."""
+        caps_o = [info.cap_o for info in self.kv.layers()]
+        self.kv.submit(self.policy.drop_plan(self.view(pos_max), caps_o,
+                                             (n_keep, n_keep + n_discard)))
+        self.kv.shift(n_keep, n_discard)
+        self.policy.shift(n_keep, n_discard)
+        self.session.n_shifts += 1
+        self.session.dropped.extend(dropped)
+
     def tailor(self, room: int, pos_max: int, recall: bool = False) -> None:
+        """Plan with the policy and apply the plan at once (a failure raises here, naming it)."""
         t0 = time.perf_counter()
         self.end_of_prompt()
         s = self.session
         view = self.view(pos_max, recall)
         plan = s.policy.plan(view, self.budget, room)
         self.kv.submit(plan)
+        self.kv.apply()
         s.ratios = np.clip(np.asarray(s.policy.ratios(view), np.float64), 0.0, 1.0)
         s.n_tailorings += 1
         s.tailoring_seconds += time.perf_counter() - t0
@@ -136,7 +151,9 @@ class Tailor:
         ]
         return KVView(layers, sc.n_queries, self.group, self.session.stats, pos_max, recall)
 
-    def kv_stats(self, n_tokens: int) -> KVStats:
+    def kv_stats(self, n_positions: int) -> KVStats:
+        """Counts for a cache whose positions run to n_positions (plus what shifts dropped)."""
+        n_tokens = n_positions + len(self.session.dropped)
         infos = self.kv.layers()
         layers = [LayerKVStats(i.n_o, i.n_q, n_tokens - i.n_o - i.n_q - i.n_s, float(r),
                                i.bytes_used, i.n_s, i.bytes_spill)
@@ -152,4 +169,5 @@ class Tailor:
             bytes_spill=sum(i.bytes_spill for i in infos),
             n_recalls=self.session.n_recalls,
             recall_seconds=self.session.recall_seconds,
+            n_shifts=self.session.n_shifts,
         )

@@ -82,6 +82,23 @@ def test_truncated_gguf_is_named(smollm2: Path, tmp_path: Path, policy: str, kee
         arkv_local.Llama(cut, kv_policy=policy, verbose=False)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_header_fields_are_gguf_readers(smollm2: Path, arch: str) -> None:
+    # the quick header read (scalars only, arrays skipped) against gguf's full reader
+    from arkv_local.models import read_gguf, read_scalar_fields
+    from arkv_local.tiny_models import tiny_model_path
+
+    for path in (smollm2, tiny_model_path(arch, n_layer=2, n_embd=256, n_head=4, n_head_kv=2,
+                                          n_ff=512, n_ctx_train=1024)):
+        quick = read_scalar_fields(path)
+        full = {k: f.contents() for k, f in read_gguf(path).fields.items()
+                if not isinstance(f.contents(), list)}
+        full = {k: v for k, v in full.items() if not k.startswith("GGUF.")}
+        assert quick.keys() == full.keys() and len(quick) > 10
+        assert all(quick[k] == pytest.approx(v) if isinstance(v, float) else quick[k] == v
+                   for k, v in full.items())
+
+
 def test_vocab_only_loads_under_a_policy(smollm2: Path) -> None:
     # a tokenizer-only load (as llama-cpp-python's own tests do): no cache, nothing to manage
     llm = arkv_local.Llama(smollm2, vocab_only=True, kv_policy="arkv", kv_budget=256,
@@ -132,6 +149,12 @@ def test_from_pretrained_reports_only_transport_failures_as_such(
     llm = arkv_local.Llama.from_pretrained("org/repo", "*.gguf", kv_policy="arkv",
                                            kv_budget=256, n_ctx=512, verbose=False)
     assert llm.kv_policy == "arkv" and llm.n_ctx() == 512 and Path(llm.model_path) == smollm2
+    # code that swaps llama_cpp.Llama for ours (a common retrofit) still downloads once
+    with monkeypatch.context() as m:
+        m.setattr(llama_cpp, "Llama", arkv_local.Llama)
+        llm = arkv_local.Llama.from_pretrained("org/repo", "*.gguf", kv_policy="window",
+                                               kv_budget=128, verbose=False)
+        assert llm.kv_policy == "window"
 
     def unreachable(**kwargs: object) -> str:
         raise OSError("[Errno 101] Network is unreachable")

@@ -19,8 +19,8 @@ def wheel_files() -> list[str]:
     return [str(f) for f in dist.files or []]
 
 
-def test_the_installed_wheel_holds_only_the_package() -> None:
-    files = wheel_files()
+def check_only_the_package(files: list[str]) -> None:
+    """files (a RECORD of arkv_local's wheel) are the package, its libraries and its scripts."""
     allowed = re.compile(
         r"arkv_local/|arkv_local-[^/]+\.dist-info/|(\.\./)+bin/arkv-(chat|server)$")
     assert [f for f in files if not allowed.match(f)] == []
@@ -28,3 +28,7 @@ def test_the_installed_wheel_holds_only_the_package() -> None:
     assert {"libllama.so", "libggml.so", "libggml-base.so"} <= libs or \
         {"libllama.dylib", "libggml.dylib"} <= libs or {"llama.dll", "ggml.dll"} <= libs
     assert not any(f.startswith("arkv_local/csrc/") for f in files)  # sources stay out
+
+
+def test_the_installed_wheel_holds_only_the_package() -> None:
+    check_only_the_package(wheel_files())

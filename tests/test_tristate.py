@@ -269,7 +269,6 @@ def test_seq_rm_truncates_only_an_untailored_tail(smollm2: Path, tokens: list[in
     ours, mem = open_tristate(smollm2, 1024, flash_attn=True)
     memory = llama_cpp.llama_get_memory(ours.ctx)
     ours.eval(tokens[:300])
-    assert not llama_cpp.llama_memory_seq_rm(memory, 0, 100, 200)  # a hole: only plans evict
     assert llama_cpp.llama_memory_seq_rm(memory, 0, 250, -1)
     assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == 249
     mem.submit(evict_plan(mem, set(range(10, 20))))
@@ -282,6 +281,7 @@ def test_seq_rm_truncates_only_an_untailored_tail(smollm2: Path, tokens: list[in
     assert llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)  # everything: a clear
     assert [i.n_o for i in mem.layers()] == [0] * mem.n_layer
     assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == -1
+    # a hole in the middle (llama.cpp's context shift) leaves every pool: test_shift.py
 
 
 def test_unservable_settings_are_named(smollm2: Path) -> None:

@@ -1,5 +1,6 @@
-"""`python -m arkv_local.bench`: `speed` (tok/s, tri-state vs stock) and `run` (the suite:
-fidelity, passkey, memory, speed, plots and docs/BENCHMARKS.md)."""
+"""`python -m arkv_local.bench`: `speed` (tok/s, tri-state vs stock), `run` (the suite:
+fidelity, passkey, memory, speed, plots and docs/BENCHMARKS.md) and `soak` (a long chat past
+the context window: memory and time per turn)."""
 
 from __future__ import annotations
 
@@ -24,17 +25,26 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
     r.add_argument("--out", default="docs", help="folder for BENCHMARKS.md and the plots")
     r.add_argument("--n-text", type=int, help="tokens of text for fidelity (4096; quick 600)")
-    r.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048])
+    r.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7800])
     r.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     r.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     r.add_argument("--speed-configs", nargs="+", default=["full", "quant", "window", "h2o",
                                                           "arkv"])
-    r.add_argument("--speed-depths", type=int, nargs="+", default=[512, 4096])
+    r.add_argument("--speed-depths", type=int, nargs="+", default=[4096, 8000])
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded (GPU builds)")
     r.add_argument("--repeat", type=int, default=2, help="speed runs per configuration")
     r.add_argument("--skip", nargs="*", default=[], choices=["fidelity", "passkey", "speed"],
                    help="sections to leave out")
+    k = sub.add_parser("soak", help="a long chat past the window: memory and time per turn")
+    k.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    k.add_argument("--policy", default="arkv")
+    k.add_argument("--kv-budget", type=int, default=256, help="KV memory in f16 tokens")
+    k.add_argument("--n-ctx", type=int, default=0, help="window (0: the trained length)")
+    k.add_argument("--tokens", type=int, default=100_000, help="answer tokens in all")
+    k.add_argument("--max-tokens", type=int, default=256, help="longest answer per turn")
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--every", type=int, default=20, help="print a line every this many turns")
     o = sub.add_parser("_one", help=argparse.SUPPRESS)
     o.add_argument("spec")
     args = p.parse_args(argv)
@@ -42,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         from .speed import speed
 
         speed(args)
+        return 0
+    if args.cmd == "soak":
+        from .soak import soak
+
+        soak(args)
         return 0
     if args.cmd == "_one":
         from .child import run_one

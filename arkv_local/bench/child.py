@@ -10,6 +10,7 @@ import json
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -100,53 +101,74 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
 
 
-def passkey_prompt(llm: Llama, n_tokens: int, depth: float, key: int) -> str:
-    """Filler of about n_tokens tokens with the key stated at `depth`, and the question."""
+def passkey_prompt(llm: Llama, n_tokens: int, needles: list[tuple[float, str]],
+                   question: str) -> str:
+    """Filler of about n_tokens tokens with each needle's sentence at its depth, then the
+    question."""
     per = len(llm.tokenize(FILLER.encode(), add_bos=False))
     reps = max(1, n_tokens // per)
-    cut = int(reps * depth)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    parts, done = [], 0
+    for depth, sentence in sorted(needles):
+        cut = int(reps * depth)
+        parts += [FILLER * (cut - done), sentence]
+        done = cut
     return ("There is a pass key hidden in the following text. Find it and remember it. "
-            + FILLER * cut + needle + FILLER * (reps - cut)
-            + "\nWhat is the pass key? Answer with the number only.")
+            + "".join(parts) + FILLER * (reps - done) + "\n" + question)
 
 
 def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Passkey trials (length, depth) for one configuration: answers and whether each is right."""
+    """Passkey trials (length, depth) for one configuration: answers and whether each is right.
+    With cfg["two_keys"], one more trial per length holds two keys (at 25% and 75%) and asks
+    for both."""
     model = cfg["model"]
     rng = np.random.default_rng(cfg.get("seed", 0))
     trials = []
     for length in cfg["lengths"]:
-        for depth in cfg["depths"]:
-            key = int(rng.integers(10000, 100000))
+        for depth in cfg["depths"] + ["two"] * bool(cfg.get("two_keys")):
+            keys = [int(k) for k in rng.integers(10000, 100000, 2 if depth == "two" else 1)]
+            if depth == "two":
+                needles = [(0.25, f"The first pass key is {keys[0]}. Remember it. "),
+                           (0.75, f"The second pass key is {keys[1]}. Remember it. ")]
+                question = "What are the two pass keys? Answer with the two numbers only."
+            else:
+                needles = [(depth, f"The pass key is {keys[0]}. Remember it. "
+                                   f"{keys[0]} is the pass key. ")]
+                question = "What is the pass key? Answer with the number only."
             llm = open_config(cfg, model, length + 256, int(cfg.get("fraction", 1.0) * length))
-            prompt = passkey_prompt(llm, length, depth, key)
+            prompt = passkey_prompt(llm, length, needles, question)
             r = llm.create_chat_completion([{"role": "user", "content": prompt}],
-                                           temperature=0.0, max_tokens=12)
+                                           temperature=0.0, max_tokens=12 * len(keys))
             answer = r["choices"][0]["message"]["content"] or ""
-            trials.append(dict(length=length, depth=depth, key=key, answer=answer,
-                               n_prompt=r["usage"]["prompt_tokens"], ok=str(key) in answer))
+            trials.append(dict(length=length, depth=depth, key=keys, answer=answer,
+                               n_prompt=r["usage"]["prompt_tokens"],
+                               ok=all(str(k) in answer for k in keys)))
             llm.close()
     return dict(cfg=cfg["name"], trials=trials, peak_rss=peak_rss(),
                 accuracy=sum(t["ok"] for t in trials) / len(trials))
 
 
 def speed(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Prefill `depth` tokens, decode n_gen one by one; best of `repeat` runs, tailoring time."""
+    """Prefill `depth` tokens, decode n_gen one by one; best of `repeat` runs, and the plans
+    made while decoding (count and seconds, of the run with the best decode)."""
     from .speed import timed
 
     model, depth, n_gen = cfg["model"], cfg["depth"], cfg["n_gen"]
-    best = dict(prefill=0.0, decode=0.0, tailoring_seconds=float("inf"))
+    best: dict[str, Any] = dict(prefill=0.0, decode=0.0)
     for _ in range(cfg["repeat"]):
         llm = open_config(cfg, model, depth + n_gen + 256, int(cfg.get("fraction", 1.0) * depth),
                           n_batch=512)
-        prefill, decode = timed(llm, depth, n_gen)
+        prefill_stats: list[Any] = []
+        prefill, decode = timed(llm, depth, n_gen, partial(
+            lambda out, m: out.append(m.kv_stats()), prefill_stats, llm))
+        end, start = llm.kv_stats(), prefill_stats[0]
         best["prefill"] = max(best["prefill"], prefill)
-        best["decode"] = max(best["decode"], decode)
-        best["tailoring_seconds"] = min(best["tailoring_seconds"],
-                                        llm.kv_stats().tailoring_seconds)
+        if decode > best["decode"]:
+            best.update(decode=decode, prefill_plans=start.n_tailorings,
+                        prefill_plan_seconds=start.tailoring_seconds,
+                        decode_plans=end.n_tailorings - start.n_tailorings,
+                        decode_plan_seconds=end.tailoring_seconds - start.tailoring_seconds)
         llm.close()
-    return dict(cfg=cfg["name"], depth=depth, peak_rss=peak_rss(), **best)
+    return dict(cfg=cfg["name"], depth=depth, n_gen=n_gen, peak_rss=peak_rss(), **best)
 
 
 def run_one(spec: str) -> int:

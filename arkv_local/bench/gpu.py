@@ -228,11 +228,14 @@ def section_sched(out: Path) -> dict[str, Any]:
 
 
 def section_reference() -> dict[str, Any]:
-    """tests/test_reference.py (the numpy reference) and tests/test_spill.py's memory checks
-    (spill and recall against a cache that never spilled) with every layer offloaded."""
+    """tests/test_reference.py (the numpy reference), tests/test_spill.py's memory checks
+    (spill and recall against a cache that never spilled) and tests/test_shift.py (seq_add and
+    seq_rm of a middle range: K re-roped and rows removed on the device) with every layer
+    offloaded."""
     env = dict(os.environ, ARKV_TEST_N_GPU_LAYERS="99")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/test_reference.py", "tests/test_spill.py", "--timeout=300",
+                        "tests/test_reference.py", "tests/test_spill.py", "tests/test_shift.py",
+                        "--timeout=300",
                         "-k", "not smollm2 and not pass_keys and not errors"],  # no hub model
                        env=env, capture_output=True, text=True, cwd=ROOT)
     return dict(rc=r.returncode, tail=r.stdout[-3000:])

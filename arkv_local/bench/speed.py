@@ -31,11 +31,17 @@ def measure(make: Callable[[], llama_cpp.Llama], depth: int, n_gen: int) -> tupl
     return timed(make(), depth, n_gen)
 
 
-def timed(llm: llama_cpp.Llama, depth: int, n_gen: int) -> tuple[float, float]:
-    """Prefill `depth` tokens, then decode `n_gen` one by one: (prefill tok/s, decode tok/s)."""
+def timed(llm: llama_cpp.Llama, depth: int, n_gen: int,
+          after_prefill: Callable[[], object] | None = None) -> tuple[float, float]:
+    """Prefill `depth` tokens, then decode `n_gen` one by one: (prefill tok/s, decode tok/s);
+    after_prefill runs in between, untimed."""
     toks = bench_text_tokens(llm, depth + n_gen)
     t0 = time.perf_counter()
     llm.eval(toks[:depth])
+    if after_prefill is not None:
+        t = time.perf_counter()
+        after_prefill()
+        t0 += time.perf_counter() - t
     t1 = time.perf_counter()
     for tok in toks[depth:]:
         llm.eval([tok])

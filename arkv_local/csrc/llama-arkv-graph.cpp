@@ -100,14 +100,12 @@ ggml_tensor * llama_kv_cache_arkv::build_input_rot(ggml_context * ctx, int64_t n
 }
 
 // orthonormal Sylvester Walsh-Hadamard matrix, as llama.cpp's (the CPU/CUDA fast paths assume exactly it)
-void llama_kv_cache_arkv::set_input_rot(ggml_tensor * dst) const {
-    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer));
-    const int n = dst->ne[0];
-    float * data = (float *) dst->data;
+std::vector<float> llama_kv_cache_arkv::hadamard(int64_t n) {
+    std::vector<float> data(n*n);
     data[0] = 1.0f/sqrtf(n);
-    for (int s = 1; s < n; s *= 2) {
-        for (int i = 0; i < s; i++) {
-            for (int j = 0; j < s; j++) {
+    for (int64_t s = 1; s < n; s *= 2) {
+        for (int64_t i = 0; i < s; i++) {
+            for (int64_t j = 0; j < s; j++) {
                 const float val = data[i*n + j];
                 data[(i + s)*n + j]       =  val;
                 data[i*n + (j + s)]       =  val;
@@ -115,6 +113,21 @@ void llama_kv_cache_arkv::set_input_rot(ggml_tensor * dst) const {
             }
         }
     }
+    return data;
+}
+
+int64_t llama_kv_cache_arkv::rot_k_size() const {
+    int64_t nrot = 64;
+    while (head_dim_ % (2*nrot) == 0) {
+        nrot *= 2;
+    }
+    return nrot;
+}
+
+void llama_kv_cache_arkv::set_input_rot(ggml_tensor * dst) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer));
+    const std::vector<float> h = hadamard(dst->ne[0]);
+    memcpy(dst->data, h.data(), h.size()*sizeof(float));
 }
 
 // per layer, the O rows the ubatch's tokens go to: I64 [n_tokens, n_layer]
@@ -487,11 +500,7 @@ llm_graph_input_attn_kv * llama_arkv_build_attn_inp(const llm_graph_context & gc
     inp->self_kq_mask_cnv = inp->self_kq_mask;
 
     if (kv->rotate_k()) {
-        int64_t nrot = 64;
-        while (kv->head_dim() % (2*nrot) == 0) {
-            nrot *= 2;
-        }
-        inp->self_k_rot = kv->build_input_rot(ctx0, nrot);
+        inp->self_k_rot = kv->build_input_rot(ctx0, kv->rot_k_size());
     }
     if (kv->rotate_v()) {
         inp->self_v_rot = kv->build_input_rot(ctx0, 64);

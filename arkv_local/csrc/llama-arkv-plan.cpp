@@ -8,10 +8,9 @@
 #include "llama-context.h"
 #include "llama-impl.h"
 
+#include <cstdlib>
 #include <string>
 #include <vector>
-
-static constexpr size_t ARKV_PLAN_NODES_PER_LAYER = 160; // per arena: up to 9 moves of a reshape, gather, concat, view, reshape and scatter
 
 static const char * arkv_pool_name(int pool) {
     return pool == LLAMA_ARKV_POOL_O ? "O" : pool == LLAMA_ARKV_POOL_Q ? "Q" : "S";
@@ -89,32 +88,41 @@ std::string llama_kv_cache_arkv::submit_plan(const llama_arkv_layer_plan * plans
     return "";
 }
 
-// index inputs of a plan graph, set once the graph is allocated
-struct llama_kv_cache_arkv::plan_inputs {
-    ggml_context * ctx;
-    std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> idxs; // converted to the tensor's type when set
+//
+// graph inputs
+//
 
-    ggml_tensor * make(ggml_type type, std::vector<int64_t> data) {
-        if (data.empty()) {
-            return nullptr;
-        }
-        ggml_tensor * t = ggml_new_tensor_1d(ctx, type, data.size());
-        ggml_set_input(t);
-        idxs.emplace_back(t, std::move(data));
-        return t;
+ggml_tensor * llama_kv_cache_arkv::plan_inputs::make(ggml_type type, std::vector<int64_t> data) {
+    if (data.empty()) {
+        return nullptr;
     }
+    ggml_tensor * t = ggml_new_tensor_1d(ctx, type, data.size());
+    ggml_set_input(t);
+    idxs.emplace_back(t, std::move(data));
+    return t;
+}
 
-    void set() const {
-        for (const auto & [t, data] : idxs) {
-            if (t->type == GGML_TYPE_I32) {
-                std::vector<int32_t> d32(data.begin(), data.end());
-                ggml_backend_tensor_set(t, d32.data(), 0, d32.size()*sizeof(int32_t));
-            } else {
-                ggml_backend_tensor_set(t, data.data(), 0, data.size()*sizeof(int64_t));
-            }
+ggml_tensor * llama_kv_cache_arkv::plan_inputs::make_f32(int64_t ne0, std::vector<float> data) {
+    GGML_ASSERT(ne0 > 0 && data.size() % ne0 == 0);
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne0, data.size()/ne0);
+    ggml_set_input(t);
+    f32s.emplace_back(t, std::move(data));
+    return t;
+}
+
+void llama_kv_cache_arkv::plan_inputs::set() const {
+    for (const auto & [t, data] : idxs) {
+        if (t->type == GGML_TYPE_I32) {
+            std::vector<int32_t> d32(data.begin(), data.end());
+            ggml_backend_tensor_set(t, d32.data(), 0, d32.size()*sizeof(int32_t));
+        } else {
+            ggml_backend_tensor_set(t, data.data(), 0, data.size()*sizeof(int64_t));
         }
     }
-};
+    for (const auto & [t, data] : f32s) {
+        ggml_backend_tensor_set(t, data.data(), 0, data.size()*sizeof(float));
+    }
+}
 
 // a layer's K (v = false) or V pool, by llama_arkv_pool
 ggml_tensor * llama_kv_cache_arkv::pool_of(const layer & l, int pool, bool v) const {
@@ -202,6 +210,47 @@ void llama_kv_cache_arkv::plan_metadata(const layer & lo, layer & ln, const laye
     ln.n_s  = m.n[LLAMA_ARKV_POOL_S];
 }
 
+// run a graph of row moves or shifts over the pools, now. If it cannot be allocated nothing ran; if it fails
+// while computing, rows may be half moved and the cache is cleared.
+llama_kv_cache_arkv::graph_status llama_kv_cache_arkv::compute_update_graph(llama_context * lctx, ggml_cgraph * gf,
+                                                                            const plan_inputs & in, const char * what) {
+    if (ggml_graph_n_nodes(gf) == 0) {
+        return GRAPH_DONE;
+    }
+    // fault injection for the tests (no way to make a backend fail on purpose):
+    // ARKV_DEBUG_FAIL_UPDATE=alloc or =compute fails every update graph at that step
+    const char * fail = getenv("ARKV_DEBUG_FAIL_UPDATE");
+    const std::string fail_at = fail ? fail : "";
+    auto * sched = lctx->get_sched();
+    ggml_backend_sched_reset(sched);
+    if (fail_at == "alloc" || !ggml_backend_sched_alloc_graph(sched, gf)) {
+        return GRAPH_NOT_ALLOCATED;
+    }
+    in.set();
+    const bool ok = fail_at != "compute" && lctx->graph_compute(gf, false) == GGML_STATUS_SUCCESS;
+    ggml_backend_sched_synchronize(sched);
+    if (!ok) {
+        clear(true);
+        llama_arkv_set_error(std::string("the graph that applies ") + what + " failed: the cache was cleared");
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_arkv_last_error());
+        return GRAPH_FAILED;
+    }
+    return GRAPH_DONE;
+}
+
+// everything pending, in the order it was meant: rows seq_rm removed go first (the metadata shows them gone
+// already), then the K shift of seq_add (over the rows as the metadata shows them), then the plan (whose
+// slots are the metadata's). A removal or shift that fails clears the cache: its metadata would lie.
+bool llama_kv_cache_arkv::apply_update(llama_context * lctx) {
+    if (!pending_rm.empty() && !apply_removal(lctx)) {
+        return false;
+    }
+    if (has_shift && !apply_shift(lctx)) {
+        return false;
+    }
+    return pending.empty() || apply_plan(lctx);
+}
+
 // apply the pending plan: build the next layout beside the current one, move the rows, and commit the
 // layout only once the graph has computed. If the graph cannot be allocated, nothing moved and the cache
 // stays as it was; if it fails while computing, rows may be half moved and the cache is cleared.
@@ -211,11 +260,11 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
     ggml_context_ptr ctx_new(ggml_init(ip));
 
     // our own graph: a plan moves up to 6 pools per layer, more nodes than the reserve graph holds
-    const size_t n_nodes = ARKV_PLAN_NODES_PER_LAYER*layers.size() + 16;
+    const size_t n_nodes = PLAN_NODES_PER_LAYER*layers.size() + 16;
     ggml_init_params gp = { n_nodes*ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
     ggml_context_ptr ctx_graph(ggml_init(gp));
     ggml_cgraph * gf = ggml_new_graph_custom(ctx_graph.get(), n_nodes, false);
-    plan_inputs in { ctx_graph.get(), {} };
+    plan_inputs in { ctx_graph.get(), {}, {} };
 
     std::vector<layer> next = layers;
     for (const auto & m : pending) {
@@ -225,23 +274,14 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
     }
     pending.clear();
 
-    auto * sched = lctx->get_sched();
-    ggml_backend_sched_reset(sched);
-    if (ggml_graph_n_nodes(gf) > 0) {
-        if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+    switch (compute_update_graph(lctx, gf, in, "the plan")) {
+        case GRAPH_DONE: break;
+        case GRAPH_NOT_ALLOCATED:
             llama_arkv_set_error("could not allocate the graph that applies the plan: the cache is unchanged");
             LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_arkv_last_error());
             return false;
-        }
-        in.set();
-        const bool ok = lctx->graph_compute(gf, false) == GGML_STATUS_SUCCESS;
-        ggml_backend_sched_synchronize(sched);
-        if (!ok) {
-            clear(true);
-            llama_arkv_set_error("the graph that applies the plan failed: the cache was cleared");
-            LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_arkv_last_error());
-            return false;
-        }
+        case GRAPH_FAILED:
+            return false; // cleared, error set
     }
 
     // commit

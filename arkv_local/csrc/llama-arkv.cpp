@@ -146,8 +146,15 @@ int32_t llama_arkv_apply_plan(struct llama_context * ctx) {
         llama_arkv_set_error("the context's KV memory is not ARKV");
         return -1;
     }
+    if (!kv->has_update()) {
+        return 1;
+    }
+    // llama.cpp's own update, as a decode runs it: it applies ours, then drops the graphs built over
+    // the old pools and reserves the worst-case graph again (the update graph used the scheduler)
+    llama_arkv_set_error("");
     llama_synchronize(ctx); // the last decode's graph may still read the pools
-    return kv->apply_pending(ctx);
+    ctx->memory_update(false);
+    return *llama_arkv_last_error() == '\0' ? 0 : -1;
 }
 
 void llama_arkv_set_recall(struct llama_context * ctx, bool on) {

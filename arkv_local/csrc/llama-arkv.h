@@ -107,8 +107,11 @@ extern "C" {
                                              float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q,
                                              float * sum_s, float * sum_sq_s);
 
-    // apply the pending plan now instead of before the next decode (so that a state saved next holds
-    // it); 0 on success, 1 if none is pending, -1 if it failed (llama_arkv_last_error says why)
+    // apply what is pending now instead of before the next decode (so that a state saved next holds
+    // it): rows removed by llama_memory_seq_rm (a middle range or a prefix) or by a llama_memory_seq_add
+    // below position 0, the K rotation a seq_add owes to the rows it shifted (their positions already
+    // changed), then the plan. 0 on success, 1 if nothing is pending, -1 if it failed
+    // (llama_arkv_last_error says why). A state cannot be saved while a seq_rm or seq_add is pending.
     LLAMA_API int32_t llama_arkv_apply_plan(struct llama_context * ctx);
 
     // while on, every ubatch attends over the spilled rows too (and scores them): a recall pass, run

@@ -378,7 +378,7 @@ llama_memory_context_ptr llama_kv_cache_arkv::init_full() {
 
 llama_memory_context_ptr llama_kv_cache_arkv::init_update(llama_context * lctx, bool optimize) {
     GGML_UNUSED(optimize);
-    if (pending.empty()) {
+    if (!has_update()) {
         return std::make_unique<llama_kv_cache_arkv_context>(LLAMA_MEMORY_STATUS_NO_UPDATE);
     }
     return std::make_unique<llama_kv_cache_arkv_context>(this, lctx);
@@ -415,10 +415,15 @@ void llama_kv_cache_arkv::clear(bool data) {
         std::fill(l.pos_o.begin(), l.pos_o.end(), -1);
         std::fill(l.pos_lo.begin(), l.pos_lo.end(), -1);
         std::fill(l.pos_s.begin(), l.pos_s.end(), -1);
+        l.shift_o.clear();
+        l.shift_lo.clear();
+        l.shift_s.clear();
     }
     pos_max = -1;
     pos_planned_max = -1;
     pending.clear();
+    pending_rm.clear();
+    has_shift = false;
     stats_valid = false;
     reset_scores();
     if (data) {
@@ -440,16 +445,19 @@ bool llama_kv_cache_arkv::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1
         return true;
     }
     if (p1 <= pos_max) {
-        return false; // a hole in the middle: only a plan evicts
+        // a hole in the middle, or a prefix (llama.cpp's context shift drops one): out of every pool
+        return remove_rows(p0, p1);
     }
     if (p0 <= seq_pos_min(0)) {
         clear(false);
         return true;
     }
     if (!pending.empty() || p0 <= pos_planned_max) {
-        // a pending plan names the rows as they are; a tailored cache cannot get removed tokens back
+        // a pending plan names the rows as they are; a tailored cache cannot get removed tokens back (rows
+        // moved by seq_rm or seq_add count as tailored)
         return false;
     }
+    GGML_ASSERT(pending_rm.empty() && !has_shift); // both make pos_planned_max = pos_max
     // an untailored tail: the newest rows of O in every layer and head, in position order
     const uint32_t n_rm = pos_max - p0 + 1;
     for (auto & l : layers) {
@@ -477,18 +485,47 @@ void llama_kv_cache_arkv::seq_keep(llama_seq_id seq_id) {
     GGML_UNUSED(seq_id); // one sequence: nothing else to drop
 }
 
+// as llama.cpp's: rows at positions in [p0, p1) move by shift, their K rotated by it at the next update; rows
+// that would land below 0 are removed (as by seq_rm; if they cannot be, nothing changes and the error says why)
 void llama_kv_cache_arkv::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
-    GGML_UNUSED(seq_id); GGML_UNUSED(p0); GGML_UNUSED(p1);
-    if (shift != 0) {
-        LLAMA_LOG_ERROR("%s: ARKV cannot shift positions (get_can_shift() is false)\n", __func__);
+    GGML_ASSERT(seq_id <= 0);
+    if (p0 < 0) {
+        p0 = 0;
     }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    if (shift == 0 || p0 >= p1 || pos_max < 0) {
+        return;
+    }
+    if (shift < 0 && p0 < -shift && !remove_rows(p0, std::min(p1, -shift))) {
+        LLAMA_LOG_ERROR("%s: positions not shifted: %s\n", __func__, llama_arkv_last_error());
+        return;
+    }
+    shift_rows(p0, p1, shift);
 }
 
+// llama.cpp's self-extend divides positions; its grouped positions are not served
 void llama_kv_cache_arkv::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
-    GGML_UNUSED(seq_id); GGML_UNUSED(p0); GGML_UNUSED(p1);
-    if (d != 1) {
-        LLAMA_LOG_ERROR("%s: ARKV cannot divide positions (get_can_shift() is false)\n", __func__);
+    GGML_ASSERT(seq_id <= 0);
+    if (p0 < 0) {
+        p0 = 0;
     }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    p0 = std::max(p0, 1); // position 0 stays
+    bool any = false;
+    for (const auto & l : layers) {
+        for (const auto * pos : { &l.pos_o, &l.pos_lo, &l.pos_s }) {
+            any = any || std::any_of(pos->begin(), pos->end(), [&](llama_pos p) { return p >= p0 && p < p1; });
+        }
+    }
+    if (d == 1 || !any) {
+        return; // no position would change
+    }
+    llama_arkv_set_error("ARKV cannot divide positions (seq_div, used by self-extend): positions unchanged");
+    LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_arkv_last_error());
 }
 
 llama_pos llama_kv_cache_arkv::pos_min_slow() const {
@@ -560,22 +597,21 @@ void llama_kv_cache_arkv::reset_scores() {
 
 void llama_kv_cache_arkv::get_scores(float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q,
                                      float * sum_s, float * sum_sq_s) const {
-    size_t off_o = 0;
-    size_t off_lo = 0;
-    size_t off_s = 0;
-    // the rows in use, at the offsets of a pool of cap rows
-    auto get = [&](ggml_tensor * acc, uint32_t n_use, uint32_t cap, float * sum, float * sum_sq, size_t & off) {
-        const size_t n = (size_t) n_use*n_head_kv_;
-        if (n > 0) {
-            ggml_backend_tensor_get(acc, sum + off, 0, n*sizeof(float));
-            ggml_backend_tensor_get(acc, sum_sq + off, acc->nb[2], n*sizeof(float));
+    size_t off[3] = {};
+    float * sums[3][2] = { { sum_q, sum_sq_q }, { sum_o, sum_sq_o }, { sum_s, sum_sq_s } };
+    for (uint32_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const auto & l = layers[ikv];
+        const uint32_t n[3]   = { l.n_lo, l.n_o, l.n_s };
+        const uint32_t cap[3] = { l.cap_lo, l.cap_o, l.cap_s };
+        // the rows in use at the offsets of a pool of cap rows, free slots zero
+        for (int pool = 0; pool < 3; ++pool) {
+            for (int plane = 0; plane < 2; ++plane) {
+                float * out = sums[pool][plane] + off[pool];
+                read_scores(l, ikv, pool, plane, out);
+                std::fill(out + (size_t) n[pool]*n_head_kv_, out + (size_t) cap[pool]*n_head_kv_, 0.0f);
+            }
+            off[pool] += (size_t) cap[pool]*n_head_kv_;
         }
-        off += (size_t) cap*n_head_kv_;
-    };
-    for (const auto & l : layers) {
-        get(l.acc_o, l.cap_o, l.cap_o, sum_o, sum_sq_o, off_o);
-        get(l.acc_lo, l.cap_lo, l.cap_lo, sum_q, sum_sq_q, off_lo);
-        get(l.acc_s, l.n_s, l.cap_s, sum_s, sum_sq_s, off_s);
     }
 }
 
@@ -635,6 +671,12 @@ void llama_kv_cache_arkv::state_write_layer(llama_io_write_i & io, const layer &
 void llama_kv_cache_arkv::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
     GGML_UNUSED(flags);
     GGML_ASSERT(seq_id <= 0);
+    if (!pending_rm.empty() || has_shift) {
+        // the metadata already shows them, the rows do not yet
+        llama_arkv_set_error("a seq_rm or seq_add is not applied to the rows yet: call llama_arkv_apply_plan "
+                             "(or decode) before saving the state");
+        throw std::runtime_error(std::string("ARKV: ") + llama_arkv_last_error());
+    }
     const uint32_t hdr[] = { ARKV_STATE_MAGIC, ARKV_STATE_VERSION, n_layer(), n_head_kv_, head_dim_, (uint32_t) params.type_q };
     io.write(hdr, sizeof(hdr));
     const uint64_t arena = arena_bytes;
@@ -755,7 +797,7 @@ bool llama_kv_cache_arkv_context::next() {
 bool llama_kv_cache_arkv_context::apply() {
     GGML_ASSERT(!llama_memory_status_is_fail(status));
     if (lctx) {
-        return kv->apply_plan(lctx);
+        return kv->apply_update(lctx);
     }
     if (ubatches.empty()) {
         return true;

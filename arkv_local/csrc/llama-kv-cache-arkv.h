@@ -10,9 +10,10 @@
 // They are read only by recall passes (llama_arkv_set_recall), and plans bring them back into O or LO.
 //
 // Files: this header and llama-kv-cache-arkv.cpp (llama_memory_i: pools, metadata, seq_*, state),
-// llama-arkv-plan.cpp (plans: validate, move rows, commit), llama-arkv-graph.cpp (the attention input,
-// the store, choose_attn_path and the attention paths, scores, statistics), llama-arkv-attn-cpu.* (the
-// fused CPU decode kernel) and llama-arkv.* (the C API). New tokens are appended to O; which tokens move
+// llama-arkv-plan.cpp (plans: validate, move rows, commit), llama-arkv-shift.cpp (seq_rm of a middle
+// range and seq_add: rows removed from every pool, positions shifted, K re-roped), llama-arkv-graph.cpp
+// (the attention input, the store, choose_attn_path and the attention paths, scores, statistics),
+// llama-arkv-attn-cpu.* (the fused CPU decode kernel) and llama-arkv.* (the C API). New tokens are appended to O; which tokens move
 // O->LO or get evicted is decided outside (a plan from Python).
 
 #pragma once
@@ -70,6 +71,12 @@ public:
         ggml_tensor * v_s = nullptr;
         std::vector<llama_pos> pos_s;
         ggml_tensor * acc_s = nullptr; // F32 [n_head_kv, cap_s, 2]
+
+        // host: the RoPE shift each row's K still owes (seq_add), applied by the next update; shaped as
+        // the positions while a shift is pending, else empty
+        std::vector<llama_pos> shift_o;
+        std::vector<llama_pos> shift_lo;
+        std::vector<llama_pos> shift_s;
     };
 
     llama_kv_cache_arkv(const llama_model & model, const llama_cparams & cparams,
@@ -87,7 +94,7 @@ public:
     llama_memory_context_ptr init_full() override;
     llama_memory_context_ptr init_update(llama_context * lctx, bool optimize) override;
 
-    bool get_can_shift() const override { return false; }
+    bool get_can_shift() const override { return true; }
 
     void clear(bool data) override;
 
@@ -128,8 +135,9 @@ public:
     // validate and queue a plan; it is applied by the next memory update (before the next decode)
     // returns an empty string on success, else what is wrong (nothing is changed then)
     std::string submit_plan(const llama_arkv_layer_plan * plans);
-    // apply the pending plan now: 0 applied, 1 none pending, -1 failed (see apply_plan)
-    int32_t apply_pending(llama_context * lctx) { return pending.empty() ? 1 : apply_plan(lctx) ? 0 : -1; }
+    // whether an update is pending (rows seq_rm removed, a seq_add's shift, a plan), applied by the next
+    // llama.cpp memory update (init_update: before a decode, or llama_arkv_apply_plan) in that order
+    bool has_update() const { return !pending.empty() || !pending_rm.empty() || has_shift; }
 
     // statistics of the next decode's last ubatch (see llama-arkv.h)
     void request_stats();
@@ -177,6 +185,8 @@ public:
 
     bool rotate_k() const { return rot_k; }
     bool rotate_v() const { return rot_v; }
+    // size of the K rotation's blocks: the largest power of two >= 64 that divides head_dim, as llama.cpp's
+    int64_t rot_k_size() const;
 
     ggml_tensor * build_input_rot(ggml_context * ctx, int64_t n) const;
 
@@ -214,11 +224,11 @@ public:
     void set_input_kq_mask(ggml_tensor * dst, const llama_ubatch * ubatch, const layout & lay) const;
     void set_input_q_mask(ggml_tensor * dst, const layout & lay) const;
     void set_input_rot(ggml_tensor * dst) const;
+    static std::vector<float> hadamard(int64_t n); // orthonormal Sylvester Walsh-Hadamard matrix [n, n]
 
 private:
     friend class llama_kv_cache_arkv_context;
 
-    // a validated plan for one layer
     // a validated plan for one layer: per new pool, the old slot and pool (llama_arkv_pool) of each new row
     struct layer_move {
         uint32_t ikv;   // index in layers
@@ -226,8 +236,23 @@ private:
         uint32_t n[3] = {}; // new rows per pool, indexed by llama_arkv_pool (Q = LO)
         std::vector<int32_t> src[3];  // [n][n_head_kv]
         std::vector<uint8_t> from[3]; // [n][n_head_kv]
+        uint32_t n_old[3] = {}; // rows per pool where the rows lie now (moves of removed rows only)
     };
-    struct plan_inputs; // index inputs of a plan graph
+
+    static constexpr size_t PLAN_NODES_PER_LAYER = 160; // per arena: up to 9 moves of a reshape, gather, concat, view, reshape and scatter
+
+    // inputs of a graph that moves or re-ropes rows, set once the graph is allocated
+    struct plan_inputs {
+        ggml_context * ctx;
+        std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> idxs; // converted to the tensor's type when set
+        std::vector<std::pair<ggml_tensor *, std::vector<float>>> f32s;
+
+        // I32 or I64 [data.size()]; nullptr if empty
+        ggml_tensor * make(ggml_type type, std::vector<int64_t> data);
+        // F32 [ne0, data.size()/ne0]
+        ggml_tensor * make_f32(int64_t ne0, std::vector<float> data);
+        void set() const;
+    };
 
     const llama_model & model;
     const llama_hparams & hparams;
@@ -258,6 +283,12 @@ private:
 
     std::vector<layer_move> pending;
 
+    // rows removed by seq_rm (or by a seq_add below position 0): the host metadata (positions, counts) already
+    // shows the pools without them, the rows themselves still lie where they were. Per layer, each row in use
+    // and where it lies now (identity moves where the layer lost nothing); applied before the shift and the plan.
+    std::vector<layer_move> pending_rm;
+    bool has_shift = false; // some row's K owes a RoPE shift (layer::shift_*)
+
     // the spilled pools: their buffer, and the file mapping behind it (kv_spill="disk")
     ggml_context_ptr ctx_spill;
     ggml_backend_buffer_ptr buf_spill;
@@ -272,6 +303,18 @@ private:
     void state_read_layer(llama_io_read_i & io, ggml_context * ctx, layer & l);
     void clear_tails(const layer & l);
     bool apply_plan(llama_context * lctx);
+    bool apply_update(llama_context * lctx);
+
+    // seq_rm of a middle range and seq_add (llama-arkv-shift.cpp)
+    std::string removal_move(const layer & l, uint32_t ikv, llama_pos p0, llama_pos p1, layer_move & m) const;
+    bool remove_rows(llama_pos p0, llama_pos p1);
+    uint32_t shift_rows(llama_pos p0, llama_pos p1, llama_pos delta);
+    bool apply_removal(llama_context * lctx);
+    bool apply_shift(llama_context * lctx);
+    enum graph_status { GRAPH_DONE, GRAPH_NOT_ALLOCATED, GRAPH_FAILED };
+    graph_status compute_update_graph(llama_context * lctx, ggml_cgraph * gf, const plan_inputs & in, const char * what);
+    void move_scores(const layer & l, const layer_move & m) const;
+    void read_scores(const layer & l, uint32_t ikv, int pool, int plane, float * out) const;
     void build_plan_moves(ggml_context * ctx, ggml_cgraph * gf, plan_inputs & in, const layer & lo, const layer & ln,
                           const layer_move & m) const;
     void plan_metadata(const layer & lo, layer & ln, const layer_move & m) const;
@@ -306,7 +349,7 @@ public:
     explicit llama_kv_cache_arkv_context(llama_memory_status status);
     // full: worst-case graph for reservation
     explicit llama_kv_cache_arkv_context(llama_kv_cache_arkv * kv);
-    // update: apply the pending plan
+    // update: apply what is pending (apply_update)
     llama_kv_cache_arkv_context(llama_kv_cache_arkv * kv, llama_context * lctx);
     // batch
     llama_kv_cache_arkv_context(llama_kv_cache_arkv * kv, std::vector<llama_ubatch> ubatches);

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import defaults
-from .planner import plan_layer
+from .planner import drop_rows, plan_layer
 from .scores import heavy_hitter, spread_by_position
 from .types import Budget, KVView, LayerPlan, LayerView
 
@@ -77,6 +77,10 @@ class Policy:
             hh[:, h] = spread_by_position(hh[:, h], pos[:, h], RECALL_SPAN)
         return hh
 
+    def shift(self, n_keep: int, n_discard: int) -> None:
+        """A context shift: positions [n_keep, n_keep + n_discard) left the cache and later ones
+        moved back by n_discard; a policy that remembers by position follows them."""
+
     # what a policy remembers between tailorings (override both, with reset(), to keep more)
 
     def snapshot(self) -> dict[str, Any]:
@@ -98,13 +102,22 @@ class Policy:
         ratios = np.clip(np.asarray(self.ratios(view), np.float64), 0.0, 1.0)
         if ratios.shape != (len(view.layers),) or not np.isfinite(ratios).all():
             raise ValueError(f"{self.name}: ratios must be {len(view.layers)} finite numbers")
-        plans = []
-        for i, lv in enumerate(view.layers):
-            score = np.asarray((self.recall_scores if view.recall else self.scores)(view, i))
-            if score.shape != lv.pos.shape:
-                raise ValueError(f"{self.name}: scores of layer {i} must be shaped as its rows "
-                                 f"{lv.pos.shape} (O, Q, then spilled), got {score.shape}")
-            plans.append(plan_layer(lv, score, ratios[i], budget, room, view.pos_max,
-                                    window=self.window, sinks=self.sinks, quantize=self.quantize,
-                                    cap_s=budget.cap_s, layer=i))
-        return plans
+        return [plan_layer(lv, self._scores(view, i), ratios[i], budget, room, view.pos_max,
+                           window=self.window, sinks=self.sinks, quantize=self.quantize,
+                           cap_s=budget.cap_s, layer=i)
+                for i, lv in enumerate(view.layers)]
+
+    def drop_plan(self, view: KVView, caps_o: list[int], drop: tuple[int, int]) -> list[LayerPlan]:
+        """A context shift's plan: the rows at positions in `drop` = [p0, p1) leave, the others
+        stay where they are (layer i's O pool keeps caps_o[i] slots)."""
+        return [drop_rows(lv, self._scores(view, i), caps_o[i], drop, view.pos_max,
+                          window=self.window, sinks=self.sinks)
+                for i, lv in enumerate(view.layers)]
+
+    def _scores(self, view: KVView, layer: int) -> np.ndarray:
+        lv = view.layers[layer]
+        score = np.asarray((self.recall_scores if view.recall else self.scores)(view, layer))
+        if score.shape != lv.pos.shape:
+            raise ValueError(f"{self.name}: scores of layer {layer} must be shaped as its rows "
+                             f"{lv.pos.shape} (O, Q, then spilled), got {score.shape}")
+        return score

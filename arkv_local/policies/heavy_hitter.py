@@ -47,6 +47,9 @@ class HeavyHitter(Policy):
             raise ValueError("a heavy-hitter memory is one (position, KV head) array per layer")
         self._past = past
 
+    def shift(self, n_keep: int, n_discard: int) -> None:
+        self._past = [np.concatenate([p[:n_keep], p[n_keep + n_discard:]]) for p in self._past]
+
     def scores(self, view: KVView, layer: int) -> np.ndarray:
         lv = view.layers[layer]
         hh = heavy_hitter(lv.mass, lv.mass_sq, view.n_queries * view.group, self.gamma)

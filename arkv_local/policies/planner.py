@@ -76,3 +76,34 @@ def _spill_in_place(rows: np.ndarray, pool: np.ndarray, slot: np.ndarray,
     holes = np.flatnonzero(dst < 0)
     dst[holes] = rows[~stays]
     return slot[dst], pool[dst]
+
+
+def drop_rows(lv: LayerView, score: np.ndarray, cap_o: int, drop: tuple[int, int],
+              pos_max: int, *, window: int, sinks: int) -> LayerPlan:
+    """One layer's plan for a context shift: the rows at positions in `drop` = [p0, p1) leave,
+    every other row stays in its pool (and a spilled one in its slot). Where the KV heads would
+    keep different numbers of rows in a pool (they must hold equal counts), each keeps that
+    pool's smallest number: its window and sinks, then its highest-scored rows."""
+    n_o, n_q, n_s = lv.n_rows
+    n_head = lv.pos_o.shape[1]
+    pos = lv.pos
+    pool = np.repeat([POOL_O, POOL_Q, POOL_S], [n_o, n_q, n_s])
+    slot = np.concatenate([np.arange(n_o), np.arange(n_q), np.arange(n_s)])
+    keep = (pos < drop[0]) | (pos >= drop[1])
+    rank = np.where((pos > pos_max - window) | (pos < sinks), np.inf, score)
+    srcs = []
+    for p in (POOL_O, POOL_Q, POOL_S):
+        in_pool = keep & (pool == p)[:, None]
+        k = int(in_pool.sum(0).min())
+        src = np.empty((k, n_head), np.int32)
+        for h in range(n_head):
+            rows = np.flatnonzero(in_pool[:, h])
+            rows = rows[np.lexsort((-pos[rows, h], -rank[rows, h]))][:k]  # best first
+            if p == POOL_S:
+                src[:, h] = _spill_in_place(rows, pool, slot, k)[0]
+            else:
+                src[:, h] = slot[rows[np.argsort(pos[rows, h], kind="stable")]]
+        srcs.append(src)
+    o_src, q_src, s_src = srcs
+    return LayerPlan(cap_o, o_src, q_src, np.full(q_src.shape, POOL_Q, np.uint8), s_src,
+                     np.full(s_src.shape, POOL_S, np.uint8), np.full(o_src.shape, POOL_O, np.uint8))

@@ -1,0 +1,60 @@
+"""`soak`: a long chat under a policy, past the context window many times: memory and time per
+turn as it goes (KV bytes and peak RSS should stay flat, seconds per turn steady)."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+from ..llama import Llama
+from ..models import default_model_path
+
+TOPICS = ["rivers", "compilers", "bread", "the moon", "chess", "bees", "trains", "glass",
+          "volcanoes", "libraries", "tea", "bridges", "clocks", "salt", "owls", "maps"]
+
+
+def rss_mib() -> tuple[float, float]:
+    """(resident, peak resident) MiB of this process."""
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * resource.getpagesize()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return resident / 2**20, peak_kib / 2**10
+
+
+def soak(args: argparse.Namespace) -> None:
+    """Chat until args.tokens answer tokens are generated; print a line every args.every turns
+    and a summary comparing the first thousand tokens with the rest."""
+    llm = Llama(args.model or str(default_model_path()), kv_policy=args.policy,
+                kv_budget=args.kv_budget, n_ctx=args.n_ctx, n_threads=args.threads,
+                seed=0, verbose=False)
+    print(f"soak: {args.policy}, kv_budget {args.kv_budget} f16 tokens, window {llm.n_ctx()}, "
+          f"{args.tokens} answer tokens, {args.max_tokens} per turn at most")
+    print(f"{'turn':>5} {'answer tok':>10} {'seen tok':>9} {'shifts':>6} {'s/turn':>7} "
+          f"{'KV MiB':>7} {'spill MiB':>9} {'RSS MiB':>8} {'peak MiB':>8}")
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    generated, turn, rows = 0, 0, []
+    while generated < args.tokens:
+        topic = TOPICS[turn % len(TOPICS)]
+        messages.append({"role": "user", "content": f"Tell me one more thing about {topic}."})
+        t0 = time.perf_counter()
+        out = llm.create_chat_completion(messages, max_tokens=args.max_tokens,
+                                         temperature=0.8, seed=turn)
+        seconds = time.perf_counter() - t0
+        messages.append(out["choices"][0]["message"])
+        generated += out["usage"]["completion_tokens"]
+        stats = llm.kv_stats()
+        rss, peak = rss_mib()
+        rows.append((generated, seconds, stats.bytes_used, peak))
+        turn += 1
+        if turn % args.every == 0 or generated >= args.tokens:
+            print(f"{turn:>5} {generated:>10} {stats.n_tokens:>9} {stats.n_shifts:>6} "
+                  f"{seconds:>7.2f} {stats.bytes_used / 2**20:>7.2f} "
+                  f"{stats.bytes_spill / 2**20:>9.2f} {rss:>8.1f} {peak:>8.1f}", flush=True)
+    after = [r for r in rows if r[0] > 1000]
+    if after:
+        first, last = after[: max(1, len(after) // 10)], after[-max(1, len(after) // 10) :]
+        print(f"after the first 1000 tokens: KV bytes {min(r[2] for r in after)} to "
+              f"{max(r[2] for r in after)}; peak RSS {after[0][3]:.1f} -> {after[-1][3]:.1f} MiB; "
+              f"s/turn first tenth {sum(r[1] for r in first) / len(first):.2f}, "
+              f"last tenth {sum(r[1] for r in last) / len(last):.2f}")
