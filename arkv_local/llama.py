@@ -272,13 +272,31 @@ class Llama(llama_cpp.Llama):
             history = np.concatenate([held[:n_keep], s.dropped, held[n_keep:]])
             m = _common_prefix(prompt, history)
             if m > n_keep + len(s.dropped):
-                prompt = held[: m - len(s.dropped)].tolist() + prompt[m:]
+                m -= len(s.dropped)
+                prompt = held[:m].tolist() + prompt[m + len(s.dropped) :]
+                if m < self.n_tokens:  # it leaves the history before the cache's end
+                    self._cut(m)
+                    held = self.input_ids[: self.n_tokens]
         new, answer = len(prompt) - self.n_tokens, max(max_tokens or 0, 0)
         if self.n_tokens > 0 and new > 0 and len(prompt) + answer >= self._n_ctx and \
                 _common_prefix(prompt, held) == self.n_tokens:
             self._make_room(new + answer + 1)
             prompt = self.input_ids[: self.n_tokens].tolist() + prompt[-new:]
         return prompt
+
+    def _cut(self, n: int) -> None:
+        """Keep the cache's first n positions and the history the shifts took out before them
+        (an answer read back tokenized otherwise, say): a tail the cache cannot give back is
+        read again from the start, and the sequence stays the one its history says."""
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        if llama_cpp.llama_memory_seq_rm(memory, -1, n, -1):
+            self.n_tokens = n
+            return
+        session = self._tailor.session
+        dropped, prefix = session.dropped, self.input_ids[:n].tolist()
+        self.n_tokens = 0
+        self.eval(prefix)
+        session.dropped = dropped
 
     def create_chat_completion(self, messages: list[Any], *args: Any, **kwargs: Any) -> Any:
         """As llama_cpp.Llama.create_chat_completion; with a policy, a history longer than the

@@ -121,6 +121,36 @@ def test_completion_after_shifts_reads_only_the_new_tokens() -> None:
     assert llm.kv_stats().n_tokens == seen
 
 
+def test_a_history_read_back_otherwise_is_cut_not_truncated() -> None:
+    """A prompt that leaves the history near its end (an answer tokenized otherwise when read
+    back) after shifts: the cache is cut there (read again when tailored) and keeps the history
+    the shifts took out, so the next turns still read only their new tokens."""
+    llm = Llama(tiny_model_path("llama", **TINY), kv_policy="arkv", kv_budget=128, n_ctx=N_CTX,
+                verbose=False)
+    read: list[int] = []
+    eval_ = llm.eval
+
+    def counted(toks: list[int]) -> None:
+        read.append(len(toks))
+        eval_(toks)
+
+    llm.eval = counted  # type: ignore[method-assign]
+    options = dict(max_tokens=50, temperature=0, logit_bias={llm.token_eos(): -1e9})
+    for turn in range(8):
+        llm.create_completion(llm_history(llm) + tokens(10, 1000 + turn * 10), **options)
+    assert llm.kv_stats().n_shifts >= 1
+    history = llm_history(llm)
+    other = history[:-80] + [(history[-80] % 250) + 2] + tokens(10, 2000)  # in a tailored part
+    read.clear()
+    llm.create_completion(other, **options)
+    assert read[0] > 100  # the kept prefix read again, in bounded memory
+    assert llm_history(llm)[: len(history) - 80] == history[:-80]
+    for turn in range(3):
+        read.clear()
+        out = llm.create_completion(llm_history(llm) + tokens(10, 3000 + turn * 10), **options)
+        assert sum(read) == 10 + out["usage"]["completion_tokens"] - 1
+
+
 def llm_history(llm: Llama) -> list[int]:
     """What the sequence read: the window's first tokens, what shifts took out, the rest."""
     s = llm._tailor.session
