@@ -24,6 +24,19 @@ def tokens(n: int, start: int = 0) -> list[int]:
     return [(t * 7 + 3) % 250 + 1 for t in range(start, start + n)]
 
 
+def count_reads(llm: Llama) -> list[int]:
+    """The lengths of the token lists llm.eval is given from now on (generate's reads too)."""
+    read: list[int] = []
+    eval_ = llm.eval
+
+    def counted(toks: list[int]) -> None:
+        read.append(len(toks))
+        eval_(toks)
+
+    llm.eval = counted  # type: ignore[method-assign]
+    return read
+
+
 def positions_held(llm: Llama) -> int:
     """The highest position in the memory, plus one."""
     return llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm.ctx), 0) + 1
@@ -100,14 +113,7 @@ def test_generate_goes_on_past_the_window_with_one_sampler() -> None:
 def test_completion_after_shifts_reads_only_the_new_tokens() -> None:
     llm = Llama(tiny_model_path("llama", **TINY), kv_policy="arkv", kv_budget=128, n_ctx=N_CTX,
                 verbose=False)
-    read: list[int] = []
-    eval_ = llm.eval
-
-    def counted(toks: list[int]) -> None:
-        read.append(len(toks))
-        eval_(toks)
-
-    llm.eval = counted  # type: ignore[method-assign]
+    read = count_reads(llm)
     seen = 0
     for turn in range(12):  # 12 x 60 tokens: past the window of 256 several times
         prompt = llm_history(llm) + tokens(10, 1000 + turn * 10)
@@ -127,14 +133,7 @@ def test_a_history_read_back_otherwise_is_cut_not_truncated() -> None:
     the shifts took out, so the next turns still read only their new tokens."""
     llm = Llama(tiny_model_path("llama", **TINY), kv_policy="arkv", kv_budget=128, n_ctx=N_CTX,
                 verbose=False)
-    read: list[int] = []
-    eval_ = llm.eval
-
-    def counted(toks: list[int]) -> None:
-        read.append(len(toks))
-        eval_(toks)
-
-    llm.eval = counted  # type: ignore[method-assign]
+    read = count_reads(llm)
     options = dict(max_tokens=50, temperature=0, logit_bias={llm.token_eos(): -1e9})
     for turn in range(8):
         llm.create_completion(llm_history(llm) + tokens(10, 1000 + turn * 10), **options)
@@ -200,14 +199,7 @@ def test_helpers() -> None:
 
 def test_a_chat_three_windows_long_finds_a_key_given_after_the_last_shift(smollm2: Path) -> None:
     llm = Llama(smollm2, kv_policy="arkv", kv_budget=128, n_ctx=512, seed=0, verbose=False)
-    read: list[int] = []
-    eval_ = llm.eval
-
-    def counted(toks: list[int]) -> None:
-        read.append(len(toks))
-        eval_(toks)
-
-    llm.eval = counted  # type: ignore[method-assign]
+    read = count_reads(llm)
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
 
     def turn(text: str, max_tokens: int = 48) -> str:
