@@ -236,7 +236,8 @@ def section_reference() -> dict[str, Any]:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "tests/test_reference.py", "tests/test_spill.py", "tests/test_shift.py",
                         "--timeout=300",
-                        "-k", "not smollm2 and not pass_keys and not errors"],  # no hub model
+                        "-k", "not smollm2 and not pass_keys and not errors"  # no hub model:
+                        " and not spill_holds_the_window"],  # its smollm2 fixture neither
                        env=env, capture_output=True, text=True, cwd=ROOT)
     return dict(rc=r.returncode, tail=r.stdout[-3000:])
 
