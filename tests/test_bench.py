@@ -63,3 +63,24 @@ def test_plots_are_skipped_with_a_hint_without_matplotlib(
                        "(pip install 'arkv_local[plot]')\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md"]
     assert (tmp_path / "BENCHMARKS.md").read_text() == "# Benchmarks\n"
+
+
+def test_soak_runs_past_the_window_in_flat_kv_memory() -> None:
+    """`bench soak`: a chat several windows long, answers of max_tokens each (end of text never
+    sampled), context shifts counted, KV bytes within the budget at every turn."""
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "arkv_local.bench", "soak", "--n-ctx", "512",
+                        "--kv-budget", "128", "--tokens", "1200", "--max-tokens", "128",
+                        "--ignore-eos", "--every", "1"], cwd=root, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    header = lines[1].split()
+    assert header[:4] == ["turn", "answer", "tok", "seen"], header
+    rows = [[float(x) for x in line.split()] for line in lines[2:] if line[:5].strip().isdigit()]
+    assert len(rows) == 10  # 1200 tokens in answers of exactly 128
+    assert [r[1] for r in rows] == [128.0 * (i + 1) for i in range(10)]
+    assert rows[-1][3] >= 3  # shifts: 1280 answer tokens in a window of 512
+    budget_mib = 128 * 30 * 2 * 3 * 64 * 2 / 2**20  # f16 tokens x layers x K,V x heads x dim x 2 B
+    assert all(0 < r[5] <= budget_mib for r in rows)
+    assert "after the first 1000 tokens" in lines[-1]

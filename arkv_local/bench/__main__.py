@@ -28,9 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7800])
     r.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     r.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    r.add_argument("--passkey-configs", nargs="+",
+                   help="passkey rows to run, by name (e.g. full arkv@12.5%%; default: all)")
     r.add_argument("--speed-configs", nargs="+", default=["full", "quant", "window", "h2o",
                                                           "arkv"])
     r.add_argument("--speed-depths", type=int, nargs="+", default=[4096, 8000])
+    r.add_argument("--speed-n-gen", type=int, default=256,
+                   help="tokens decoded per speed run (more than kv_slack: plans while decoding)")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded (GPU builds)")
     r.add_argument("--repeat", type=int, default=2, help="speed runs per configuration")
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--max-tokens", type=int, default=256, help="longest answer per turn")
     k.add_argument("--threads", type=int, default=2)
     k.add_argument("--every", type=int, default=20, help="print a line every this many turns")
+    k.add_argument("--ignore-eos", action="store_true",
+                   help="never sample end-of-text: every answer runs to --max-tokens")
     o = sub.add_parser("_one", help=argparse.SUPPRESS)
     o.add_argument("spec")
     args = p.parse_args(argv)

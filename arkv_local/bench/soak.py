@@ -4,7 +4,9 @@ turn as it goes (KV bytes and peak RSS should stay flat, seconds per turn steady
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
+import sys
 import time
 
 from ..llama import Llama
@@ -22,16 +24,46 @@ def rss_mib() -> tuple[float, float]:
     return resident / 2**20, peak_kib / 2**10
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def memory_parts() -> dict[str, float]:
+    """Where resident memory is, to attribute growth: anonymous and file-backed resident MiB
+    (/proc), bytes malloc has handed out (glibc's mallinfo2; 0 elsewhere) and Python's
+    allocated blocks, in thousands."""
+    parts = {"anon": 0.0, "file": 0.0, "heap": 0.0, "py_kblocks": sys.getallocatedblocks() / 1e3}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                parts[key[3:].lower()] = int(value.split()[0]) / 2**10
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+        parts["heap"] = (info.uordblks + info.hblkhd) / 2**20
+    except (AttributeError, OSError):
+        pass
+    return parts
+
+
 def soak(args: argparse.Namespace) -> None:
     """Chat until args.tokens answer tokens are generated; print a line every args.every turns
     and a summary comparing the first thousand tokens with the rest."""
     llm = Llama(args.model or str(default_model_path()), kv_policy=args.policy,
                 kv_budget=args.kv_budget, n_ctx=args.n_ctx, n_threads=args.threads,
                 seed=0, verbose=False)
+    # an answer that ends at once would make a long soak of short turns: end-of-text kept out
+    bias = {llm.token_eos(): float("-inf")} if args.ignore_eos else None
     print(f"soak: {args.policy}, kv_budget {args.kv_budget} f16 tokens, window {llm.n_ctx()}, "
-          f"{args.tokens} answer tokens, {args.max_tokens} per turn at most")
+          f"{args.tokens} answer tokens, {args.max_tokens} per turn at most"
+          f"{', end of text never sampled' if args.ignore_eos else ''}")
     print(f"{'turn':>5} {'answer tok':>10} {'seen tok':>9} {'shifts':>6} {'s/turn':>7} "
-          f"{'KV MiB':>7} {'spill MiB':>9} {'RSS MiB':>8} {'peak MiB':>8}")
+          f"{'KV MiB':>7} {'spill MiB':>9} {'RSS MiB':>8} {'peak MiB':>8} {'anon MiB':>8} "
+          f"{'file MiB':>8} {'heap MiB':>8} {'py kblk':>7}")
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
     generated, turn, rows = 0, 0, []
     while generated < args.tokens:
@@ -39,7 +71,7 @@ def soak(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": f"Tell me one more thing about {topic}."})
         t0 = time.perf_counter()
         out = llm.create_chat_completion(messages, max_tokens=args.max_tokens,
-                                         temperature=0.8, seed=turn)
+                                         temperature=0.8, seed=turn, logit_bias=bias)
         seconds = time.perf_counter() - t0
         messages.append(out["choices"][0]["message"])
         generated += out["usage"]["completion_tokens"]
@@ -48,9 +80,12 @@ def soak(args: argparse.Namespace) -> None:
         rows.append((generated, seconds, stats.bytes_used, peak))
         turn += 1
         if turn % args.every == 0 or generated >= args.tokens:
+            m = memory_parts()
             print(f"{turn:>5} {generated:>10} {stats.n_tokens:>9} {stats.n_shifts:>6} "
                   f"{seconds:>7.2f} {stats.bytes_used / 2**20:>7.2f} "
-                  f"{stats.bytes_spill / 2**20:>9.2f} {rss:>8.1f} {peak:>8.1f}", flush=True)
+                  f"{stats.bytes_spill / 2**20:>9.2f} {rss:>8.1f} {peak:>8.1f} "
+                  f"{m['anon']:>8.1f} {m['file']:>8.1f} {m['heap']:>8.1f} {m['py_kblocks']:>7.0f}",
+                  flush=True)
     after = [r for r in rows if r[0] > 1000]
     if after:
         first, last = after[: max(1, len(after) // 10)], after[-max(1, len(after) // 10) :]

@@ -257,6 +257,13 @@ row_reader make_reader(ggml_type type) {
 #ifdef ARKV_ATTN_AVX2
 constexpr int64_t dot_group_max = 8;
 
+inline float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
 // out[g*out_stride] = k . q_g for n_q <= dot_group_max q8_0 queries q_g = q + g*q_stride (one KV head's GQA
 // group): ggml's ggml_vec_dot_q4_0_q8_0 (AVX2: the same arithmetic in the same order, so the same result),
 // with the key's nibbles unpacked once per block for the whole group instead of once per query, and no
@@ -283,10 +290,26 @@ void dot_q4_0_group(int64_t D, const void * k, const char * q, size_t q_stride, 
         }
     }
     for (int64_t g = 0; g < n_q; ++g) {
-        __m128 h = _mm_add_ps(_mm256_extractf128_ps(acc[g], 1), _mm256_castps256_ps128(acc[g]));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        out[g*out_stride] = _mm_cvtss_f32(h);
+        out[g*out_stride] = hsum(acc[g]);
+    }
+}
+
+// out[g*out_stride] = k . q_g for n_q <= dot_group_max f32 queries q_g = q + g*D (one KV head's GQA group)
+// and an f16 key, converted once for the whole group; D % 8 == 0. llama.cpp's flash attention instead rounds
+// each query to f16 and converts the key once per query head
+void dot_f16_group(int64_t D, const ggml_fp16_t * k, const float * q, int64_t n_q, float * out, int64_t out_stride) {
+    __m256 acc[dot_group_max];
+    for (int64_t g = 0; g < n_q; ++g) {
+        acc[g] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < D; i += 8) {
+        const __m256 kx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + i)));
+        for (int64_t g = 0; g < n_q; ++g) {
+            acc[g] = _mm256_fmadd_ps(kx, _mm256_loadu_ps(q + g*D + i), acc[g]);
+        }
+    }
+    for (int64_t g = 0; g < n_q; ++g) {
+        out[g*out_stride] = hsum(acc[g]);
     }
 }
 #endif
@@ -295,9 +318,11 @@ void dot_q4_0_group(int64_t D, const void * k, const char * q, size_t q_stride, 
 // the queries
 //
 
-// the queries in the types the dot products take, as llama.cpp's flash attention does: f16 for O rows,
-// the LO type's vec_dot_type (q8_0 for q4_0) for LO rows, which are then read as they are
+// the queries in the types the dot products take: f32 for O rows read per GQA group (AVX2), else f16 as
+// llama.cpp's flash attention takes them; the LO type's vec_dot_type (q8_0 for q4_0) for LO rows, which are
+// then read as they are
 struct query_rows {
+    std::vector<float> f32;       // [n_tok*n_head][D]
     std::vector<ggml_fp16_t> f16; // [n_tok*n_head][D]
     std::vector<char> lo;         // [n_tok*n_head][row_lo]
     size_t row_lo = 0;
@@ -308,6 +333,7 @@ void convert_queries(const ggml_tensor * q, const ggml_type_traits_cpu * tr_klo,
     const int64_t n_head = q->ne[1];
     const int64_t n_tok  = q->ne[2];
     qr.row_lo = tr_klo ? ggml_row_size(tr_klo->vec_dot_type, D) : 0;
+    qr.f32.resize(n_tok*n_head*D);
     qr.f16.resize(n_tok*n_head*D);
     qr.lo.resize(n_tok*n_head*qr.row_lo);
     const auto * tr_f16 = ggml_get_type_traits_cpu(GGML_TYPE_F16);
@@ -316,6 +342,7 @@ void convert_queries(const ggml_tensor * q, const ggml_type_traits_cpu * tr_klo,
         for (int64_t h = 0; h < n_head; ++h) {
             const float * src = (const float *) ((const char *) q->data + h*q->nb[1] + t*q->nb[2]);
             const int64_t r = t*n_head + h;
+            memcpy(qr.f32.data() + r*D, src, D*sizeof(float));
             tr_f16->from_float(src, qr.f16.data() + r*D, D);
             if (tr_dot) {
                 tr_dot->from_float(src, qr.lo.data() + r*qr.row_lo, D);
@@ -373,6 +400,7 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
 #ifdef ARKV_ATTN_AVX2
     const bool k_grouped = k_lo && k_lo->type == GGML_TYPE_Q4_0 && tr_klo->vec_dot_type == GGML_TYPE_Q8_0 &&
                            G <= dot_group_max;
+    const bool o_grouped = G <= dot_group_max && D % 8 == 0;
 #endif
 
     scratch sc;
@@ -428,6 +456,17 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
                     for (int64_t hk = 0; hk < H; ++hk) {
                         dot_q4_0_group(D, k_row + hk*k_head, qr.lo.data() + (t*n_head + hk*G)*qr.row_lo, qr.row_lo, G,
                                        st + hk*G*n, n);
+                    }
+                    for (int64_t h = 0; h < n_head; ++h) {
+                        st[h*n] = st[h*n]*p->scale + m;
+                    }
+                    continue;
+                }
+                // f16 rows: likewise, in f32
+                if (!is_lo && o_grouped) {
+                    for (int64_t hk = 0; hk < H; ++hk) {
+                        dot_f16_group(D, (const ggml_fp16_t *) (k_row + hk*k_head), qr.f32.data() + (t*n_head + hk*G)*D, G,
+                                      st + hk*G*n, n);
                     }
                     for (int64_t h = 0; h < n_head; ++h) {
                         st[h*n] = st[h*n]*p->scale + m;

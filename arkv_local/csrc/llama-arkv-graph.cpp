@@ -210,8 +210,15 @@ void llama_kv_cache_arkv::build_stats(ggml_context * ctx0, ggml_cgraph * gf, con
 // which attention a layer builds for a ubatch
 llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_graph_context & gctx, const layer & l,
                                                                      const view & v, int64_t n_tokens, bool stats) const {
+    // decoding from host pools: the fused kernel, also over O rows alone (it reads each f16 key once per GQA
+    // group and scores as it goes; llama.cpp's attention reads it once per query head, then scores again)
+    const bool fused = n_tokens <= ARKV_DECODE_MAX_TOKENS && !stats && v.n_s == 0 && !gctx.hparams.attn_soft_cap &&
+                       params.attn == LLAMA_ARKV_ATTN_AUTO && llama_arkv_attn_cpu_available() &&
+                       ggml_backend_buffer_is_host(l.k_arena->buffer);
     if (v.n_lo == 0 && v.n_s == 0) {
-        return ATTN_STOCK; // only O rows: llama.cpp's attention, bit-exact with the stock cache
+        // only O rows, otherwise (prefill, device pools, attn "dequant"): llama.cpp's attention, bit-exact with
+        // the stock cache
+        return fused ? ATTN_FUSED_CPU : ATTN_STOCK;
     }
     if (n_tokens > ARKV_DECODE_MAX_TOKENS || stats || v.n_s > 0 || gctx.hparams.attn_soft_cap ||
         params.attn == LLAMA_ARKV_ATTN_DEQUANT) {
@@ -219,10 +226,7 @@ llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_g
         // reads the spilled rows once, from host memory
         return ATTN_DEQUANT;
     }
-    if (params.attn == LLAMA_ARKV_ATTN_AUTO && llama_arkv_attn_cpu_available() && ggml_backend_buffer_is_host(l.k_arena->buffer)) {
-        return ATTN_FUSED_CPU;
-    }
-    return ATTN_SEGMENTS;
+    return fused ? ATTN_FUSED_CPU : ATTN_SEGMENTS;
 }
 
 // store the ubatch's K/V into the O pool; returns the set_rows results (the pools, with a graph edge)
