@@ -169,7 +169,9 @@ class Llama(llama_cpp.Llama):
                     stop = len(tokens) - tail
                     continue
             n = self._make_room(n)
-            self._tailor.before_decode(n, self.n_tokens - 1)
+            # a read may end after this chunk: the prompt's end, or the tail's start (a recall)
+            end = i + n == stop or (not decided and i + n == len(tokens) - tail)
+            self._tailor.before_decode(n, self.n_tokens - 1, 0 if end else min(step, stop - i - n))
             super().eval(tokens[i : i + n])
             i += n
             if bar is not None:

@@ -80,12 +80,15 @@ class Tailor:
             none = np.zeros((0, self.kv.n_head_kv), np.int32)
             self.kv.submit([LayerPlan(cap_o, none, none, none.astype(bool))] * self.kv.n_layer)
 
-    def before_decode(self, n_tokens: int, pos_max: int) -> None:
-        """Make room for n_tokens new tokens (n_tokens <= max_chunk)."""
+    def before_decode(self, n_tokens: int, pos_max: int, n_next: int = 0) -> None:
+        """Make room for n_tokens new tokens (n_tokens <= max_chunk); n_next: the tokens of the
+        chunk the read goes on with (0: it may end here)."""
         if self.kv.free_slots() < n_tokens:  # counts a pending plan's layout
             self.tailor(n_tokens, pos_max)
-        if self.session.measuring:
-            self.kv.request_stats()  # the first prompt's last chunk before a plan keeps them
+        if self.session.measuring and (n_next == 0 or self.kv.free_slots() - n_tokens < n_next):
+            # the first prompt's statistics are those of its last chunk before a plan or its end:
+            # only that chunk pays for them
+            self.kv.request_stats()
 
     def end_of_prompt(self) -> None:
         s = self.session

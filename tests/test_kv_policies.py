@@ -34,8 +34,8 @@ def test_memory_stays_within_budget_over_a_long_prompt_and_generation(
     seen: list[int] = []
     original = Tailor.before_decode
 
-    def record(self: Tailor, n_tokens: int, pos_max: int) -> None:  # every decode but recalls
-        original(self, n_tokens, pos_max)
+    def record(self: Tailor, n_tokens: int, pos_max: int, n_next: int = 0) -> None:
+        original(self, n_tokens, pos_max, n_next)  # every decode but recalls
         seen.append(self.kv_stats(llm.n_tokens).bytes_used)
 
     monkeypatch.setattr(Tailor, "before_decode", record)

@@ -97,12 +97,25 @@ def test_plan_keeps_window_and_heavy_hitters_then_quantizes_then_evicts() -> Non
     view = KVView([layer(pos, mass)], n_queries=4, group=1, stats=None, pos_max=7)
     (plan,) = Half(window=2, sinks=0, slack=1).plan(view, BUDGET, room=1)
     assert plan.cap_o == 2 + 3 + 1
-    # head 0 keeps positions 1, 3, 5 (mass .8, .9, .5); head 1 keeps 0, 4, 5 (.9, .8, .7)
-    assert plan.o_src[:, 0].tolist() == [1, 3, 5, 6, 7]
-    assert plan.o_src[:, 1].tolist() == [0, 4, 5, 6, 7]
+    # head 0 keeps positions 1, 3, 5 (mass .8, .9, .5); head 1 keeps 0, 4, 5 (.9, .8, .7).
+    # Rows already in an O slot below the new count stay there (1 and 3; 0 and 4): not moved;
+    # the others fill the free slots in position order
+    assert plan.o_src[:, 0].tolist() == [5, 1, 6, 3, 7]
+    assert plan.o_src[:, 1].tolist() == [0, 5, 6, 7, 4]
     # the other 3 tokens of each head fit in Q (13 slots), in position order, from O
     assert plan.q_src[:, 0].tolist() == [0, 2, 4] and plan.q_src[:, 1].tolist() == [1, 2, 3]
     assert (plan.q_from == POOL_O).all()
+
+
+def test_a_layout_the_plan_keeps_moves_nothing() -> None:
+    # The layout the first test's plan made (O slots hold positions 5 1 6 3 7, Q slots 0 2 4)
+    # with the same ranking: every row keeps its slot, so applying the plan moves no bytes
+    # (sorting rows by position would move four of them)
+    view = KVView([layer([[5], [1], [6], [3], [7]], [[0.5], [0.8], [0.0], [0.9], [0.0]],
+                         pos_q=[[0], [2], [4]], mass_q=[[0.1], [0.3], [0.2]])], 4, 1, None, 7)
+    (plan,) = Half(window=2, sinks=0, slack=1).plan(view, BUDGET, room=1)
+    assert plan.o_src[:, 0].tolist() == [0, 1, 2, 3, 4] and (plan.o_from == POOL_O).all()
+    assert plan.q_src[:, 0].tolist() == [0, 1, 2] and (plan.q_from == POOL_Q).all()
 
 
 def test_plan_evicts_what_the_bytes_do_not_buy() -> None:
@@ -112,7 +125,7 @@ def test_plan_evicts_what_the_bytes_do_not_buy() -> None:
     view = KVView([layer(pos, mass)], 4, 1, None, 7)
     budget = Budget(60, 10, 3, align=1)
     (plan,) = ByMass(window=2, sinks=0, slack=1).plan(view, budget, room=1)
-    assert plan.o_src[:, 0].tolist() == [1, 3, 5, 6, 7]
+    assert plan.o_src[:, 0].tolist() == [5, 1, 6, 3, 7]  # 1 and 3 stay in their slots
     assert len(plan.q_src) == 0  # 0.1, 0.3 and 0.2 are evicted
     # a quantizing half split: 15 bytes of O -> 1 slot; 20 bytes of Q -> 6 slots, 5 tokens left
     (plan,) = Half(window=2, sinks=0, slack=1).plan(view, budget, room=1)
@@ -127,7 +140,7 @@ def test_quantized_tokens_never_return_to_o() -> None:
                          pos_q=[[0]], mass_q=[[0.9]])], 4, 1, None, 4)
     (plan,) = Half(window=2, sinks=0, slack=1).plan(view, Budget(50, 10, 3, align=1),
                                                     room=1)
-    assert plan.o_src[:, 0].tolist() == [0, 2, 3]  # O slots 0, 2, 3 = positions 1, 3, 4
+    assert plan.o_src[:, 0].tolist() == [0, 3, 2]  # O slots 0, 2, 3 = positions 1, 3, 4
     assert plan.q_src[:, 0].tolist() == [0, 1] and plan.q_from[:, 0].tolist() == [POOL_Q, POOL_O]
 
 

@@ -164,6 +164,39 @@ def test_a_policy_reading_statistics_gets_them(tiny: str) -> None:
     assert llm._tailor.session.stats is not None and llm._tailor.session.stats.any()
 
 
+@pytest.mark.parametrize(("budget", "n_prompt", "n_every"), [(200, 2000, 2), (2500, 1100, 3)])
+def test_statistics_are_measured_only_on_the_chunk_that_keeps_them(
+        tiny: str, monkeypatch: pytest.MonkeyPatch, budget: int, n_prompt: int,
+        n_every: int) -> None:
+    # The first plan (budget 200: the third chunk of 82) or the prompt's end (2500: nothing is
+    # evicted, chunks of 512) keeps the statistics of the chunk before it. Measuring only that
+    # chunk gives the statistics and plans of measuring every chunk, in one request, not n_every
+    requests: list[int] = []
+    original_request = TriStateKV.request_stats
+
+    def count(self: TriStateKV) -> None:
+        requests.append(self.ctx)
+        original_request(self)
+
+    monkeypatch.setattr(TriStateKV, "request_stats", count)
+    plans = record_plans(monkeypatch)
+    runs, original = [], Tailor.before_decode
+    for every_chunk in (False, True):
+        if every_chunk:  # n_next 0: as if each chunk could end the read
+            monkeypatch.setattr(Tailor, "before_decode",
+                                lambda self, n, pos, n_next=0: original(self, n, pos, 0))
+        llm = Llama(tiny, kv_policy="arkv", kv_budget=budget, n_ctx=4096, n_threads=2,
+                    verbose=False)
+        llm.eval(text(5, n_prompt))
+        stats = llm._tailor.session.stats
+        assert stats is not None and stats.any()
+        runs.append((stats, plans.get(llm.ctx, []), requests.count(llm.ctx)))
+    (stats_a, plans_a, n_a), (stats_b, plans_b, n_b) = runs
+    assert (n_a, n_b) == (1, n_every)
+    np.testing.assert_array_equal(stats_a, stats_b)
+    assert plans_a == plans_b and (len(plans_a) > 5) == (budget < n_prompt)
+
+
 def test_defaults_have_one_source() -> None:
     assert Policy().window == defaults.WINDOW and Policy().sinks == defaults.SINKS
     assert Policy().slack == defaults.SLACK

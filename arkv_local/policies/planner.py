@@ -58,23 +58,23 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
         rest = cand[~np.isin(cand, keep_o)]
         to_q, to_s = rest[:n_q_keep], rest[n_q_keep : n_q_keep + n_s_keep]
         o_rows = np.concatenate([fixed, keep_o])
-        o_rows = o_rows[np.argsort(pos[o_rows, h], kind="stable")]
-        to_q = to_q[np.argsort(pos[to_q, h], kind="stable")]
-        o_src[:, h], o_from[:, h] = slot[o_rows], pool[o_rows]
-        q_src[:, h], q_from[:, h] = slot[to_q], pool[to_q]
-        s_src[:, h], s_from[:, h] = _spill_in_place(to_s, pool, slot, n_s_keep)
+        o_src[:, h], o_from[:, h] = _in_place(o_rows, pos[:, h], pool, slot, POOL_O)
+        q_src[:, h], q_from[:, h] = _in_place(to_q, pos[:, h], pool, slot, POOL_Q)
+        s_src[:, h], s_from[:, h] = _in_place(to_s, pos[:, h], pool, slot, POOL_S)
     return LayerPlan(cap_o, o_src, q_src, q_from, s_src, s_from, o_from)
 
 
-def _spill_in_place(rows: np.ndarray, pool: np.ndarray, slot: np.ndarray,
-                    n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The n new S slots' sources: a spilled row that stays keeps its slot (it is not moved),
-    the others fill the free slots."""
-    stays = (pool[rows] == POOL_S) & (slot[rows] < n)
+def _in_place(rows: np.ndarray, pos: np.ndarray, pool: np.ndarray, slot: np.ndarray,
+              home: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sources of the len(rows) slots of pool `home`: a row already there keeps its slot
+    (its bytes are not moved; attention does not depend on the order of rows), the others fill
+    the free slots in position order. A plan then moves only the rows that change place."""
+    n = len(rows)
+    stays = (pool[rows] == home) & (slot[rows] < n)
     dst = np.full(n, -1)
     dst[slot[rows[stays]]] = rows[stays]
-    holes = np.flatnonzero(dst < 0)
-    dst[holes] = rows[~stays]
+    moved = rows[~stays]
+    dst[dst < 0] = moved[np.argsort(pos[moved], kind="stable")]
     return slot[dst], pool[dst]
 
 
@@ -99,10 +99,7 @@ def drop_rows(lv: LayerView, score: np.ndarray, cap_o: int, drop: tuple[int, int
         for h in range(n_head):
             rows = np.flatnonzero(in_pool[:, h])
             rows = rows[np.lexsort((-pos[rows, h], -rank[rows, h]))][:k]  # best first
-            if p == POOL_S:
-                src[:, h] = _spill_in_place(rows, pool, slot, k)[0]
-            else:
-                src[:, h] = slot[rows[np.argsort(pos[rows, h], kind="stable")]]
+            src[:, h] = _in_place(rows, pos[:, h], pool, slot, p)[0]
         srcs.append(src)
     o_src, q_src, s_src = srcs
     return LayerPlan(cap_o, o_src, q_src, np.full(q_src.shape, POOL_Q, np.uint8), s_src,
