@@ -7,6 +7,7 @@ save_state/load_state, the prompt caches and arkv-chat's /save carry both.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,9 @@ class Session:
     recall_seconds: float = field(default=0.0, init=False)
     n_shifts: int = field(default=0, init=False)  # context shifts (positions past the window)
     # the tokens context shifts took out of the window, in order: the sequence's history is
-    # the cache's first n_keep tokens, these, then the rest of the cache's tokens
-    dropped: list[int] = field(default_factory=list, init=False)
+    # the cache's first n_keep tokens, these, then the rest of the cache's tokens (4 bytes a
+    # token: an endless chat keeps them all)
+    dropped: array = field(default_factory=lambda: array("i"), init=False)
 
     def __post_init__(self) -> None:
         self.start_sequence()
@@ -46,7 +48,7 @@ class Session:
         self.stats = None
         self.ratios = np.ones(self.n_layer)
         self.measuring = self.policy.needs_stats
-        self.dropped = []
+        self.dropped = array("i")
 
     def snapshot(self) -> dict[str, Any]:
         """Everything above as plain data (json.dumps-able; arrays bit for bit)."""
@@ -82,7 +84,7 @@ class Session:
                     int(data.get("n_recalls", 0)), float(data.get("recall_seconds", 0.0)))
         measuring = bool(data["measuring"])
         n_shifts = int(data.get("n_shifts", 0))
-        dropped = [int(t) for t in data.get("dropped", [])]
+        dropped = array("i", [int(t) for t in data.get("dropped", [])])
         self.policy.restore(data["policy_state"])  # raises before it changes anything
         self.stats, self.ratios, self.measuring = stats, ratios, measuring
         (self.n_tailorings, self.tailoring_seconds,

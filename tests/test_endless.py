@@ -154,7 +154,7 @@ def llm_history(llm: Llama) -> list[int]:
     """What the sequence read: the window's first tokens, what shifts took out, the rest."""
     s = llm._tailor.session
     held = llm.input_ids[: llm.n_tokens].tolist()
-    return held[:SINKS] + s.dropped + held[SINKS:]
+    return held[:SINKS] + list(s.dropped) + held[SINKS:]
 
 
 def test_state_saved_after_shifts_goes_on_the_same() -> None:
