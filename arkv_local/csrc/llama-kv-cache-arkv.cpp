@@ -235,6 +235,9 @@ void llama_kv_cache_arkv::alloc_spill(const llama_cparams & cparams) {
         if (!buf_spill) {
             throw std::runtime_error("failed to allocate the ARKV spill buffer");
         }
+        // resident from the start, as llama.cpp's cache: the store is reserved memory, and a long chat
+        // would otherwise grow RSS page by page as new slots are first written
+        ggml_backend_buffer_clear(buf_spill.get(), 0);
     }
     // as weights: the scheduler runs the ops that read or write S where S lies (the CPU), so that only
     // the rows a recall pass dequantizes or a plan brings back ever reach the device

@@ -239,7 +239,7 @@ private:
         uint32_t n_old[3] = {}; // rows per pool where the rows lie now (moves of removed rows only)
     };
 
-    static constexpr size_t PLAN_NODES_PER_LAYER = 160; // per arena: up to 9 moves of a reshape, gather, concat, view, reshape and scatter
+    static constexpr size_t PLAN_NODES_PER_LAYER = 192; // per arena up to 9 moves of 7 nodes (reshape, gather, index view, staging set_rows, view, reshape, scatter), plus inputs
 
     // inputs of a graph that moves or re-ropes rows, set once the graph is allocated
     struct plan_inputs {
