@@ -24,6 +24,7 @@ from test_reference import (
 )
 
 from arkv_local import Llama
+from arkv_local.bench.speed import bench_text_tokens
 from arkv_local.policies import Budget, KVView, LayerView
 from arkv_local.policies.planner import plan_layer
 from arkv_local.policies.types import POOL_O, POOL_Q, POOL_S, LayerPlan
@@ -292,3 +293,17 @@ def test_the_spill_holds_the_window_or_the_bytes_given(smollm2: Path) -> None:
     assert llm._tailor.params.cap_s == 100
     assert Llama(smollm2, kv_policy="arkv", kv_budget=256, n_ctx=1024, kv_spill=None,
                  verbose=False)._tailor.params.cap_s == 0
+
+
+def test_plans_fit_the_compute_buffer_reserved_for_decoding(smollm2: Path,
+                                                            capfd: pytest.CaptureFixture) -> None:
+    # a 3,000-token read at a quarter of the bytes plans every chunk and recalls at its end; the
+    # graphs that move rows must fit the buffer llama.cpp reserved (a staging tensor made a leaf
+    # kept every layer's staging live at once: the buffer grew to 3x, and llama.cpp warns at close)
+    llm = Llama(smollm2, kv_policy="arkv", kv_budget=750, n_ctx=3072, n_threads=2,
+                verbose=False)
+    llm.eval(bench_text_tokens(llm, 3000))
+    stats = llm.kv_stats()
+    assert stats.n_tailorings >= 5 and stats.n_recalls == 1 and stats.bytes_spill > 0
+    llm.close()
+    assert "does not match expectation" not in capfd.readouterr().err

@@ -14,7 +14,7 @@
 #include <cstring>
 
 // ggml ops used, all available on CPU, CUDA and Metal:
-//   set_rows (F32 -> F16 / Q4_0 / Q4_1 / Q8_0), get_rows (F16 / quant -> F32, I32 idxs),
+//   set_rows (F32 -> F32 / F16 / Q4_0 / Q4_1 / Q8_0), get_rows (F16 / quant -> F32, I32 idxs), pad (F32),
 //   cast (F32 -> F16), concat (F16, F32), cont, mul_mat, soft_max_ext, sqr, sum_rows, sum, add, sub, mul,
 //   div, scale, scale_bias, log, clamp, cpy (F32)
 // and, for pools in host memory only, the two custom ops of the fused decode attention (llama-arkv-attn-cpu.h)

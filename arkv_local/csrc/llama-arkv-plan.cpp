@@ -194,20 +194,19 @@ void llama_kv_cache_arkv::build_plan_moves(ggml_context * ctx, ggml_cgraph * gf,
 
     auto rows = [&](ggml_tensor * pool) { return ggml_reshape_2d(ctx, pool, D, ggml_nelements(pool)/D); };
     for (int kv = 0; kv < 2; ++kv) {
-        // F32 [D, n_staged], written range by range by a chain of set_rows (one row copy each; a chain of
-        // concats copied the rows gathered so far at every step, 190 ms of a 4k-token prefill plan)
+        // F32 [D, n_staged]: the first move's rows padded to the full size, then each further range written by a
+        // chain of set_rows (one row copy each; a chain of concats copied every row gathered so far at each step, on
+        // one thread: 190 ms of a 4k-token prefill plan). A node, not a new tensor: the graph allocator keeps a
+        // leaf for the whole graph, so every layer's staging would be live at once.
         ggml_tensor * staging = nullptr;
         for (size_t i = 0; i < moves.size(); ++i) {
             ggml_tensor * g = ggml_get_rows(ctx, rows(pool_of(lo, moves[i].from, kv)), moves[i].src_idx);
-            if (moves.size() == 1) {
-                staging = g;
-                break;
-            }
-            if (!staging) {
-                staging = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, D, n_staged);
-            }
             const int64_t n = moves[i].src_idx->ne[0];
-            staging = ggml_set_rows(ctx, staging, g, ggml_view_1d(ctx, staged_idx, n, offs[i]*ggml_element_size(staged_idx)));
+            if (i == 0) {
+                staging = moves.size() == 1 ? g : ggml_pad(ctx, g, 0, (int) (n_staged - n), 0, 0);
+            } else {
+                staging = ggml_set_rows(ctx, staging, g, ggml_view_1d(ctx, staged_idx, n, offs[i]*ggml_element_size(staged_idx)));
+            }
         }
         for (size_t i = 0; i < moves.size(); ++i) {
             const int64_t n = moves[i].src_idx->ne[0];
