@@ -84,3 +84,15 @@ def test_soak_runs_past_the_window_in_flat_kv_memory() -> None:
     budget_mib = 128 * 30 * 2 * 3 * 64 * 2 / 2**20  # f16 tokens x layers x K,V x heads x dim x 2 B
     assert all(0 < r[5] <= budget_mib for r in rows)
     assert "after the first 1000 tokens" in lines[-1]
+
+
+def test_speed_keeps_the_best_prefill_and_the_plans_of_the_best_decode() -> None:
+    from arkv_local.bench.suite import best_speed
+
+    slow_decode = dict(prefill=120.0, decode=20.0, decode_plans=3, decode_plan_seconds=0.6)
+    fast_decode = dict(prefill=100.0, decode=30.0, decode_plans=2, decode_plan_seconds=0.2)
+    for runs in ([slow_decode, fast_decode], [fast_decode, slow_decode]):
+        best = None
+        for r in runs:
+            best = best_speed(best, r)
+        assert best == dict(prefill=120.0, decode=30.0, decode_plans=2, decode_plan_seconds=0.2)

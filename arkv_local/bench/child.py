@@ -148,27 +148,23 @@ def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def speed(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Prefill `depth` tokens, decode n_gen one by one; best of `repeat` runs, and the plans
-    made while decoding (count and seconds, of the run with the best decode)."""
+    """Prefill `depth` tokens, decode n_gen one by one: tok/s of each, and the plans made in
+    each phase (count and seconds)."""
     from .speed import timed
 
     model, depth, n_gen = cfg["model"], cfg["depth"], cfg["n_gen"]
-    best: dict[str, Any] = dict(prefill=0.0, decode=0.0)
-    for _ in range(cfg["repeat"]):
-        llm = open_config(cfg, model, depth + n_gen + 256, int(cfg.get("fraction", 1.0) * depth),
-                          n_batch=512)
-        prefill_stats: list[Any] = []
-        prefill, decode = timed(llm, depth, n_gen, partial(
-            lambda out, m: out.append(m.kv_stats()), prefill_stats, llm))
-        end, start = llm.kv_stats(), prefill_stats[0]
-        best["prefill"] = max(best["prefill"], prefill)
-        if decode > best["decode"]:
-            best.update(decode=decode, prefill_plans=start.n_tailorings,
-                        prefill_plan_seconds=start.tailoring_seconds,
-                        decode_plans=end.n_tailorings - start.n_tailorings,
-                        decode_plan_seconds=end.tailoring_seconds - start.tailoring_seconds)
-        llm.close()
-    return dict(cfg=cfg["name"], depth=depth, n_gen=n_gen, peak_rss=peak_rss(), **best)
+    llm = open_config(cfg, model, depth + n_gen + 256, int(cfg.get("fraction", 1.0) * depth),
+                      n_batch=512)
+    prefill_stats: list[Any] = []
+    prefill, decode = timed(llm, depth, n_gen, partial(
+        lambda out, m: out.append(m.kv_stats()), prefill_stats, llm))
+    end, start = llm.kv_stats(), prefill_stats[0]
+    llm.close()
+    return dict(cfg=cfg["name"], depth=depth, n_gen=n_gen, peak_rss=peak_rss(),
+                prefill=prefill, decode=decode, prefill_plans=start.n_tailorings,
+                prefill_plan_seconds=start.tailoring_seconds,
+                decode_plans=end.n_tailorings - start.n_tailorings,
+                decode_plan_seconds=end.tailoring_seconds - start.tailoring_seconds)
 
 
 def run_one(spec: str) -> int:
