@@ -143,10 +143,9 @@ class Llama(llama_cpp.Llama):
             return
         memory = llama_cpp.llama_get_memory(self.ctx)
         held = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
-        if held < self.n_tokens or not llama_cpp.llama_memory_seq_rm(memory, -1, self.n_tokens,
-                                                                    -1):
-            # the cache was tailored past this point, or it lost its rows (an update that
-            # failed cleared it): re-read the kept prefix from scratch
+        if held < self.n_tokens or not self._tailor.cut(self.n_tokens, held - 1):
+            # the cache lost its rows (an update that failed cleared it), or refused to cut
+            # its tail: re-read the kept prefix from scratch
             tokens = self.input_ids[: self.n_tokens].tolist() + tokens
             self.n_tokens = 0
         if self.n_tokens == 0:
@@ -288,10 +287,11 @@ class Llama(llama_cpp.Llama):
 
     def _cut(self, n: int) -> None:
         """Keep the cache's first n positions and the history the shifts took out before them
-        (an answer read back tokenized otherwise, say): a tail the cache cannot give back is
-        read again from the start, and the sequence stays the one its history says."""
+        (an answer read back tokenized otherwise, say): the tail leaves the cache, whatever
+        plans did to it, so only what follows is read; the sequence stays the one its history
+        says (were the cut refused, the kept positions would be read again)."""
         memory = llama_cpp.llama_get_memory(self.ctx)
-        if llama_cpp.llama_memory_seq_rm(memory, -1, n, -1):
+        if self._tailor.cut(n, llama_cpp.llama_memory_seq_pos_max(memory, 0)):
             self.n_tokens = n
             return
         session = self._tailor.session

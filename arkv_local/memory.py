@@ -232,6 +232,11 @@ class TriStateKV:
         llama_cpp.llama_memory_seq_add(mem, 0, n_keep + n_discard, -1, -n_discard)
         self.apply()
 
+    def cut(self, p0: int) -> bool:
+        """Positions from p0 on leave the cache (llama_memory_seq_rm(p0, -1)); False, nothing
+        changed, where the KV heads would keep different numbers of rows (last_error says)."""
+        return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, p0, -1))
+
     def set_recall(self, on: bool) -> None:
         """While on, every ubatch also attends over (and scores) the spilled rows."""
         arkv_cpp.llama_arkv_set_recall(self.ctx, on)

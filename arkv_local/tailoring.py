@@ -128,6 +128,33 @@ class Tailor:
         self.session.n_shifts += 1
         self.session.dropped.extend(dropped)
 
+    def cut(self, n: int, pos_max: int) -> bool:
+        """Positions from n on leave the cache (a prompt that leaves the history there: an answer
+        read back tokenized otherwise); the rows before stay as plans left them. Where KV heads
+        hold different tokens of the tail, a plan evicts it first (as a shift's does), so that
+        every head loses as many rows. False: refused, the tail is still there."""
+        if n > pos_max:
+            return True
+        self.kv.apply()
+        if not self._heads_lose_alike(n):
+            caps_o = [info.cap_o for info in self.kv.layers()]
+            self.kv.submit(self.policy.drop_plan(self.view(pos_max), caps_o, (n, pos_max + 1)))
+            self.kv.apply()
+        if not self.kv.cut(n):
+            return False
+        self.policy.shift(n, pos_max + 1 - n)  # what it remembers of the tail's positions goes
+        return True
+
+    def _heads_lose_alike(self, n: int) -> bool:
+        """Whether every KV head of each layer holds as many attended (O, Q) and as many spilled
+        rows at positions from n on (the memory removes a range only then)."""
+        pos_o, pos_q, pos_s = self.kv.positions()
+        for o, q, s in zip(pos_o, pos_q, pos_s, strict=True):
+            for lost in ((o >= n).sum(0) + (q >= n).sum(0), (s >= n).sum(0)):
+                if (lost != lost[0]).any():
+                    return False
+        return True
+
     def tailor(self, room: int, pos_max: int, recall: bool = False) -> None:
         """Plan with the policy and apply the plan at once (a failure raises here, naming it)."""
         t0 = time.perf_counter()

@@ -154,6 +154,22 @@ def test_sinks_stay_in_o() -> None:
     assert plan.o_src[:, 0].tolist() == [0, 1, 6, 7, 8, 9]
 
 
+def test_a_window_a_cut_left_outside_o_is_ranked_first() -> None:
+    # after a cut of the tail (seq_rm) the new window (6, 7) may not be in O in every head: head 1
+    # holds 6 in Q. Each head still keeps n_fixed = 2 protected O slots: head 1 fills its second
+    # with its best other O row, and its window row 6 keeps the one Q slot over the heavier 1.
+    # 54 bytes: window 2 + room 1 = 30, 24 left -> 2 more O slots (cap_o 5), 1 Q slot
+    pos_o, mass_o = [[1, 0], [3, 3], [6, 5], [7, 7]], [[0.3, 0.2], [0.4, 0.5], [0, 0.6], [0, 0]]
+    view = KVView([layer(pos_o, mass_o, pos_q=[[0, 6], [2, 1]], mass_q=[[0.1, 0.0], [0.2, 0.9]])],
+                  4, 1, None, 7)
+    (plan,) = ByMass(window=2, sinks=0, slack=1).plan(view, Budget(54, 10, 3, align=1), room=1)
+    assert plan.cap_o == 5
+    assert sorted(view.layers[0].pos_o[plan.o_src[:, 0], 0]) == [1, 3, 6, 7]
+    assert sorted(view.layers[0].pos_o[plan.o_src[:, 1], 1]) == [0, 3, 5, 7]
+    assert plan.q_src[:, 0].tolist() == [1] and plan.q_src[:, 1].tolist() == [0]  # 2; and 6
+    assert (plan.q_from == POOL_Q).all()
+
+
 def test_budget_below_window_and_room_is_named() -> None:
     view = KVView([layer([[p] for p in range(8)], [[0.0]] * 8)], 4, 1, None, 7)
     with pytest.raises(ValueError, match="cannot hold the window and sinks"):

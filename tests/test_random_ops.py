@@ -49,9 +49,12 @@ class Expected:
     pos_max: int = -1
     pos_planned_max: int = -1  # pos_max when the last plan was applied
     pending: list[LayerPlan] | None = None
+    removal_pending: bool = False  # a seq_rm moved the metadata, the rows follow at the next update
     # per (layer, head): the last state seen of every position still in the sequence,
     # "O", "Q" or "E" (evicted); the transition check reads it
     seen: list[list[dict[int, str]]] = field(default_factory=list)
+    # per (layer, head): positions a cut moved from Q back to O (their values stay 4-bit ones)
+    up: list[list[set[int]]] = field(default_factory=list)
 
     def pos_min(self) -> int:
         kept = [a.min() for a in self.o + self.q if a.size]
@@ -71,6 +74,7 @@ class Expected:
             self.q[li] = q_new
             self.cap_o[li] = p.cap_o
         self.pending = None
+        self.removal_pending = False
         self.pos_planned_max = self.pos_max
 
     def free_after_pending(self) -> int:
@@ -81,6 +85,7 @@ class Expected:
 
     def decode(self, n: int) -> None:
         self.apply_pending()
+        self.removal_pending = False
         new = np.arange(self.pos_max + 1, self.pos_max + 1 + n)
         for li, o in enumerate(self.o):
             self.o[li] = np.concatenate([o, np.repeat(new[:, None], o.shape[1], 1)])
@@ -91,6 +96,7 @@ class Expected:
         self.q = [q[:0] for q in self.q]
         self.pos_max = self.pos_planned_max = -1
         self.pending = None
+        self.removal_pending = False
 
     def truncate(self, p0: int) -> None:
         """Drop positions >= p0: decoded after the last plan, so the newest O rows."""
@@ -99,6 +105,36 @@ class Expected:
             assert (o[len(o) - n_rm:] >= p0).all()
             self.o[li] = o[:len(o) - n_rm]
         self.pos_max = p0 - 1
+
+    def holds_from(self, p0: int) -> bool:
+        """Whether any row is at a position >= p0."""
+        return any((a >= p0).any() for a in self.o + self.q)
+
+    def heads_lose_alike(self, p0: int) -> bool:
+        """Whether every head of each layer holds as many rows at positions >= p0."""
+        return all(len(set(((o >= p0).sum(0) + (q >= p0).sum(0)).tolist())) <= 1
+                   for o, q in zip(self.o, self.q, strict=True))
+
+    def cut(self, p0: int) -> None:
+        """Drop positions >= p0 from a tailored cache (llama-arkv's removal_move): each head
+        keeps its other rows in their pools; where heads keep different O counts, a head's
+        newest Q rows go up into O until it has as many as the head with the most. O rows end
+        in position order, Q rows in slot order."""
+        for li, (o, q) in enumerate(zip(self.o, self.q, strict=True)):
+            H = o.shape[1]
+            ko = [o[:, h][o[:, h] < p0] for h in range(H)]
+            kq = [q[:, h][q[:, h] < p0] for h in range(H)]
+            t_o = max((len(k) for k in ko), default=0)
+            o_new, q_new = [], []
+            for h in range(H):
+                up = set(np.sort(kq[h])[::-1][: t_o - len(ko[h])].tolist())
+                self.up[li][h] |= up
+                o_new.append(np.sort(np.concatenate([ko[h], sorted(up)]).astype(np.int64)))
+                q_new.append(np.array([p for p in kq[h] if p not in up], np.int64))
+            self.o[li] = np.stack(o_new, 1) if H else o[:0]
+            self.q[li] = np.stack(q_new, 1) if H else q[:0]
+        self.pos_max = self.pos_planned_max = p0 - 1
+        self.removal_pending = True
 
 
 class Walk:
@@ -120,7 +156,8 @@ class Walk:
         L = self.mem.n_layer
         empty = np.zeros((0, self.H), np.int64)
         self.exp = Expected([self.cap_o_max] * L, [empty] * L, [empty] * L,
-                            seen=[[{} for _ in range(self.H)] for _ in range(L)])
+                            seen=[[{} for _ in range(self.H)] for _ in range(L)],
+                            up=[[set() for _ in range(self.H)] for _ in range(L)])
         self.counts: dict[str, int] = {}
 
     def cap_q_for(self, cap_o: int) -> int:
@@ -199,7 +236,8 @@ class Walk:
             q_src = np.empty((k_qq + k_qo, self.H), np.int32)
             q_from_o = np.empty((k_qq + k_qo, self.H), bool)
             for h in range(self.H):
-                newest = [int(np.flatnonzero(o[:, h] == self.exp.pos_max)[0])] if n_o else []
+                # (after a cut the newest position may be in Q, or evicted)
+                newest = np.flatnonzero(o[:, h] == self.exp.pos_max)[:1].tolist()
                 others = self.rng.permutation([s for s in range(n_o) if s not in newest])
                 keep = self.rng.permutation(np.concatenate([newest, others[:k_o - len(newest)]]))
                 to_q = [(int(s), True) for s in others[k_o - len(newest):][:k_qo]]
@@ -264,16 +302,21 @@ class Walk:
             p0 = max(int(self.rng.choice(special)), 0)
         else:
             p0 = int(self.rng.integers(0, e.pos_max + 3))
-        # the rule of llama-arkv: a cut is possible only where no plan has tailored the cache,
-        # and none is pending (a pending plan names the rows as they are)
+        # the rule of llama-arkv: no cut while a plan is pending (it names the rows as they are);
+        # a tail no plan has touched is the newest O rows; a tailored one leaves every pool,
+        # where every head of each layer loses as many rows
         if p0 > e.pos_max:
             expected, what = True, "nothing"
         elif p0 <= e.pos_min():
             expected, what = True, "clear"
-        elif p0 <= e.pos_planned_max or e.pending is not None:
-            expected, what = False, "tailored"
+        elif p0 > e.pos_planned_max:
+            expected, what = (False, "pending") if e.pending is not None else (True, "tail")
+        elif e.pending is not None and e.holds_from(p0):  # (holding none, there is none to move)
+            expected, what = False, "pending"
+        elif e.heads_lose_alike(p0):
+            expected, what = True, "tailored"
         else:
-            expected, what = True, "tail"
+            expected, what = False, "heads differ"
         before = self.snapshot()
         got = llama_cpp.llama_memory_seq_rm(self.memory, 0, p0, -1)
         assert got == expected, f"seq_rm from {p0}: pos min/planned max/max " \
@@ -282,6 +325,8 @@ class Walk:
             e.clear()
         elif what == "tail":
             e.truncate(p0)
+        elif what == "tailored":
+            e.cut(p0)
         else:
             self.assert_unchanged(before)
         self.llm.n_tokens = e.pos_max + 1  # the next eval continues from the cache's end
@@ -293,6 +338,9 @@ class Walk:
         e = self.exp
         if e.pending is not None:  # a pending plan is not state: the reload would not apply it
             return
+        if e.removal_pending:  # a state is saved once the rows follow their metadata
+            self.mem.apply()
+            e.removal_pending = False
         if e.free_after_pending() == 0 or self.llm.n_tokens + 1 > N_CTX:
             return
         state = self.llm.save_state()
@@ -356,13 +404,17 @@ class Walk:
                 held = np.concatenate([po[:info.n_o, h], pq[:info.n_q, h]])
                 assert (held >= 0).all() and (held <= e.pos_max).all()
                 assert len(np.unique(held)) == len(held), f"layer {li} head {h}: a position twice"
-                self.check_transitions(e.seen[li][h], po[:info.n_o, h], pq[:info.n_q, h])
+                self.check_transitions(e.seen[li][h], e.up[li][h], po[:info.n_o, h],
+                                       pq[:info.n_q, h])
 
-    def check_transitions(self, seen: dict[int, str], o: np.ndarray, q: np.ndarray) -> None:
-        """Only O->Q, O->E and Q->E: a position never comes back to O, nor out of eviction."""
+    def check_transitions(self, seen: dict[int, str], up: set[int], o: np.ndarray,
+                          q: np.ndarray) -> None:
+        """Only O->Q, O->E and Q->E: a position never comes back to O (but as the 4-bit values
+        a cut moves up: `up`), nor out of eviction."""
         for p in [p for p in seen if p > self.exp.pos_max]:
             del seen[p]  # cut by seq_rm or a clear: the position may be decoded again
-        now = {int(p): "O" for p in o} | {int(p): "Q" for p in q}
+        up.difference_update([p for p in up if p > self.exp.pos_max])
+        now = {int(p): "Q" if p in up else "O" for p in o} | {int(p): "Q" for p in q}
         allowed = {None: "O", "O": "OQ", "Q": "Q", "E": ""}
         for p, s in now.items():
             assert s in allowed[seen.get(p)], f"position {p}: {seen.get(p)} -> {s}"
@@ -374,7 +426,8 @@ class Walk:
 OPS = ["decode", "decode_too_much", "submit", "submit_invalid", "seq_rm", "clear", "save_load"]
 WEIGHTS = np.array([0.36, 0.06, 0.24, 0.1, 0.14, 0.03, 0.08])
 OUTCOMES = ["decode", "decode refused", "plan", "plan refused", "seq_rm nothing", "seq_rm clear",
-            "seq_rm tailored", "seq_rm tail", "clear", "save/load"]
+            "seq_rm pending", "seq_rm tailored", "seq_rm heads differ", "seq_rm tail", "clear",
+            "save/load"]
 
 
 def run_walk(path: str, budget_tokens: int) -> Walk:

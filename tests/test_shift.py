@@ -612,13 +612,23 @@ def test_state_after_a_context_shift_round_trips() -> None:
     del llm, other
 
 
-def test_tail_cut_after_a_shift_reaches_only_new_tokens() -> None:
-    llm, mem = open_cache(tiny("llama"), rotate=False)
-    decode(llm, list(range(100)), range(100))
-    assert context_shift(llm, 4, 20)
-    decode(llm, [1, 2, 3], range(80, 83))
-    assert not llama_cpp.llama_memory_seq_rm(memory(llm), 0, 70, -1)  # rows the shift moved
-    assert llama_cpp.llama_memory_seq_rm(memory(llm), 0, 81, -1)
-    assert llama_cpp.llama_memory_seq_pos_max(memory(llm), 0) == 80
-    assert mem.layers()[0].n_o == 81
-    del llm
+def test_tail_cut_after_a_shift_matches_llama_cpp_cache() -> None:
+    # a tail cut reaches rows the shift moved (the removal and the rotation owed compose), then
+    # the sequence goes on from the cut: the same calls on llama.cpp's cache, the same logits
+    path = tiny("llama")
+    stock = llama_cpp.Llama(str(path), **CTX)
+    ours, mem = open_cache(path, rotate=False)
+    out = []
+    for llm in (stock, ours):
+        decode(llm, list(range(100)), range(100))
+        assert context_shift(llm, 4, 20)
+        decode(llm, [1, 2, 3], range(80, 83))
+        assert llama_cpp.llama_memory_seq_rm(memory(llm), 0, 81, -1)
+        assert llama_cpp.llama_memory_seq_pos_max(memory(llm), 0) == 80
+        assert llama_cpp.llama_memory_seq_rm(memory(llm), 0, 70, -1)  # rows the shift moved
+        assert llama_cpp.llama_memory_seq_pos_max(memory(llm), 0) == 69
+        out.append(decode_each(llm, [4, 5, 6], 70))
+    for layer in range(mem.n_layer):
+        assert sorted(mem.positions()[0][layer][:73, 0]) == list(range(73))
+    np.testing.assert_allclose(out[1], out[0], rtol=0, atol=TOL_STOCK)
+    del ours

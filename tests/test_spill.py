@@ -150,9 +150,9 @@ def test_spill_is_bounded_and_refused_beyond_its_slots(tiny_llama: Path) -> None
 
 
 def test_planner_spills_keeps_spilled_rows_in_place_and_recalls_by_score() -> None:
-    # one head; O holds positions 0..9 (window 2: 8, 9), S holds 20, 21, 22 (spilled before);
-    # the scores rank S position 21 above every O row
-    pos_o, pos_s = np.arange(10)[:, None], np.array([[20], [21], [22]])
+    # one head; O holds positions 10..19 (window 2: 18, 19), S holds 0, 1, 2 (spilled before);
+    # the scores rank S position 1 above every O row
+    pos_o, pos_s = np.arange(10, 20)[:, None], np.array([[0], [1], [2]])
     lv = LayerView(pos_o, np.zeros((0, 1), int), np.zeros((10, 1)), np.zeros((10, 1)),
                    np.zeros((0, 1)), np.zeros((0, 1)), pos_s, np.zeros((3, 1)), np.zeros((3, 1)))
     score = np.array([[.5], [.1], [.2], [.3], [.4], [.6], [.7], [.05], [0], [0],  # O
@@ -160,26 +160,27 @@ def test_planner_spills_keeps_spilled_rows_in_place_and_recalls_by_score() -> No
 
     def plan(layer_bytes: int, cap_s: int) -> LayerPlan:
         budget = Budget(layer_bytes, slot_o=10, slot_q=3, align=1, cap_s=cap_s)
-        return plan_layer(lv, score, 0.5, budget, 1, 9, window=2, sinks=0, quantize=True,
+        return plan_layer(lv, score, 0.5, budget, 1, 19, window=2, sinks=0, quantize=True,
                           cap_s=cap_s)
 
     def rows(src: np.ndarray, frm: np.ndarray) -> list[tuple[int, int]]:
         return list(zip(frm[:, 0].tolist(), src[:, 0].tolist(), strict=True))
 
     # 100 bytes: window 2 + room 1 = 30, 70 left, half of it buys 3 O slots (0, 5, 6); the
-    # 13 Q slots left by 6 O slots take all the others, S rows too: nothing spilled
+    # 13 Q slots left by 6 O slots take all the others (in position order), S rows too: nothing
+    # spilled
     p = plan(100, 4)
     assert p.o_src[:, 0].tolist() == [0, 5, 6, 8, 9]
-    assert rows(p.q_src, p.q_from) == [(POOL_O, s) for s in (1, 2, 3, 4, 7)] + [
-        (POOL_S, 0), (POOL_S, 1), (POOL_S, 2)]
+    assert rows(p.q_src, p.q_from) == [(POOL_S, 0), (POOL_S, 1), (POOL_S, 2)] + [
+        (POOL_O, s) for s in (1, 2, 3, 4, 7)]
     assert len(p.s_src) == 0
-    # 66 bytes: 1 O slot (6), 8 Q slots: position 21 (S slot 1) comes back, the two lowest
-    # stay spilled: position 20 in its slot 0, position 22 from slot 2 into the freed slot 1
+    # 66 bytes: 1 O slot (6), 8 Q slots: position 1 (S slot 1) comes back, the two lowest
+    # stay spilled: position 0 in its slot 0, position 2 from slot 2 into the freed slot 1
     p = plan(66, 4)
     assert p.o_src[:, 0].tolist() == [6, 8, 9]
-    assert rows(p.q_src, p.q_from) == [(POOL_O, s) for s in (0, 1, 2, 3, 4, 5, 7)] + [(POOL_S, 1)]
+    assert rows(p.q_src, p.q_from) == [(POOL_S, 1)] + [(POOL_O, s) for s in (0, 1, 2, 3, 4, 5, 7)]
     assert rows(p.s_src, p.s_from) == [(POOL_S, 0), (POOL_S, 2)]
-    # a spill of one slot keeps the higher-scored of the two (22); 20 is evicted
+    # a spill of one slot keeps the higher-scored of the two (2); 0 is evicted
     p = plan(66, 1)
     assert rows(p.s_src, p.s_from) == [(POOL_S, 2)]
     # evicting instead (no spill): the same device layout, nothing spilled

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import arkv_local  # noqa: F401  (binds llama_cpp to our library)
-from arkv_local.memory import LayerPlan, MemoryParams, TriStateKV, disarm, open_llama
+from arkv_local.memory import LayerPlan, MemoryParams, TriStateKV, disarm, last_error, open_llama
 from arkv_local.models import f16_slot_bytes
 from arkv_local.policies import Budget
 from arkv_local.tiny_models import tiny_model_path
@@ -269,19 +269,67 @@ def test_bad_plans_are_refused_and_change_nothing(smollm2: Path, tokens: list[in
     assert [i.n_o for i in mem.layers()] == [101] * mem.n_layer
 
 
-def test_seq_rm_truncates_only_an_untailored_tail(smollm2: Path, tokens: list[int]) -> None:
+def test_seq_rm_cuts_a_tail_that_every_head_loses_alike(smollm2: Path, tokens: list[int]) -> None:
+    """A tail (llama.cpp's seq_rm(p0, -1)) leaves the cache whether or not plans moved rows; it
+    is refused, nothing changed, only where KV heads would keep different numbers of rows."""
     ours, mem = open_tristate(smollm2, 1024, flash_attn=True)
     memory = llama_cpp.llama_get_memory(ours.ctx)
+    H = mem.n_head_kv
+
+    def per_head(out: dict[int, int], to_q: bool) -> list[LayerPlan]:
+        """Head 0 loses position out[0] from O (to Q, or evicted), the other heads out[1]."""
+        pos_o, _, _ = mem.positions()
+        plan = []
+        for layer, info in enumerate(mem.layers()):
+            keep = np.empty((info.n_o - 1, H), np.int32)
+            gone = np.empty((1, H), np.int32)
+            for h in range(H):
+                slot = int(np.flatnonzero(pos_o[layer][: info.n_o, h] == out[min(h, 1)])[0])
+                keep[:, h] = [s for s in range(info.n_o) if s != slot]
+                gone[0, h] = slot
+            empty = np.zeros((0, H), np.int32)
+            q = (gone, np.ones((1, H), bool)) if to_q else (empty, empty)
+            plan.append(LayerPlan(512 if to_q else info.cap_o, keep, *q))  # 512: Q slots
+        return plan
+
+    def held() -> list[list[set[int]]]:
+        pos_o, pos_q, _ = mem.positions()
+        return [[set(pos_o[i][: info.n_o, h]) | set(pos_q[i][: info.n_q, h]) for h in range(H)]
+                for i, info in enumerate(mem.layers())]
+
     ours.eval(tokens[:300])
-    assert llama_cpp.llama_memory_seq_rm(memory, 0, 250, -1)
+    assert llama_cpp.llama_memory_seq_rm(memory, 0, 250, -1)  # untailored
     assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == 249
     mem.submit(evict_plan(mem, set(range(10, 20))))
     ours.n_tokens = 250
     ours.eval(tokens[250:260])
     assert llama_cpp.llama_memory_seq_pos_min(memory, 0) == 0
-    assert not llama_cpp.llama_memory_seq_rm(memory, 0, 200, -1)  # tailored at 249
-    assert llama_cpp.llama_memory_seq_rm(memory, 0, 255, -1)
-    assert [i.n_o for i in mem.layers()] == [245] * mem.n_layer
+    # head 0 evicts 200, the other heads 240: from 230 on, head 0 would lose one row more
+    mem.submit(per_head({0: 200, 1: 240}, to_q=False))
+    mem.apply()
+    before = held()
+    assert not llama_cpp.llama_memory_seq_rm(memory, 0, 230, -1)
+    assert "KV head 0 would keep" in last_error()
+    assert held() == before and llama_cpp.llama_memory_seq_pos_max(memory, 0) == 259
+    # from 241 on, every head loses the same 19 rows: cut, the rows before kept where they were
+    assert llama_cpp.llama_memory_seq_rm(memory, 0, 241, -1)
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == 240
+    assert held() == [[p - set(range(241, 260)) for p in layer] for layer in before]
+    assert [i.n_o for i in mem.layers()] == [230] * mem.n_layer
+    ours.n_tokens = 241
+    ours.eval(tokens[241:251])  # the sequence goes on from there
+    assert np.isfinite(ours.scores[241:251]).all()
+    # head 0 quantizes 100, the others 245: a cut at 243 leaves head 0 one Q row, the others
+    # none, so that row goes back to O (the values attention read) and the heads agree
+    mem.submit(per_head({0: 100, 1: 245}, to_q=True))
+    mem.apply()
+    before = held()
+    assert llama_cpp.llama_memory_seq_rm(memory, 0, 243, -1)
+    assert held() == [[p - set(range(243, 251)) for p in layer] for layer in before]
+    assert [(i.n_o, i.n_q) for i in mem.layers()] == [(232, 0)] * mem.n_layer
+    ours.n_tokens = 243
+    ours.eval(tokens[243:248])
+    assert np.isfinite(ours.scores[243:248]).all()
     assert llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)  # everything: a clear
     assert [i.n_o for i in mem.layers()] == [0] * mem.n_layer
     assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == -1

@@ -455,9 +455,21 @@ bool llama_kv_cache_arkv::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1
         clear(false);
         return true;
     }
-    if (!pending.empty() || p0 <= pos_planned_max) {
-        // a pending plan names the rows as they are; a tailored cache cannot get removed tokens back (rows
-        // moved by seq_rm or seq_add count as tailored)
+    if (p0 <= pos_planned_max) {
+        // a tailored tail: out of every pool, as a middle range (refused where the heads would keep
+        // different counts, or a plan is pending), and the sequence ends before it
+        if (!remove_rows(p0, pos_max + 1)) {
+            return false;
+        }
+        if (pos_max >= 0) { // remove_rows clears a cache it empties
+            pos_max = p0 - 1;
+            pos_planned_max = std::min(pos_planned_max, pos_max);
+        }
+        return true;
+    }
+    if (!pending.empty()) {
+        llama_arkv_set_error("cannot remove positions from " + std::to_string(p0) +
+                             ": a plan is pending and names the rows as they are; apply it first (llama_arkv_apply_plan)");
         return false;
     }
     GGML_ASSERT(pending_rm.empty() && !has_shift); // both make pos_planned_max = pos_max

@@ -22,10 +22,13 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
     without Q; they stay in their S slots otherwise, so that a plan moves only what changes."""
     n_o, n_q, n_s = lv.n_rows
     n_head = lv.pos_o.shape[1]
-    protected = (lv.pos_o > pos_max - window) | (lv.pos_o < sinks)
-    n_fixed = int(protected[:, 0].sum())
-    if (protected.sum(0) != n_fixed).any():
-        raise ValueError(f"layer {layer}: the window and sinks are not in O in every head")
+    pos = lv.pos
+    recent = (pos > pos_max - window) | (pos < sinks)
+    # the window and sinks stay in O. After a cut of the tail (seq_rm) the new window's older
+    # rows may be in Q, spilled or evicted in some heads: such a head fills the protected slots
+    # it cannot use with its best other rows, its window rows ranked first
+    protected = recent[:n_o]
+    n_fixed = int(protected.sum(0).max(initial=0))
     free = budget.layer_bytes - (n_fixed + room) * budget.slot_o
     if free < 0:
         raise ValueError(
@@ -41,7 +44,7 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
 
     pool = np.repeat([POOL_O, POOL_Q, POOL_S], [n_o, n_q, n_s])
     slot = np.concatenate([np.arange(n_o), np.arange(n_q), np.arange(n_s)])
-    pos = lv.pos
+    rank = np.where(recent, np.inf, score)
     o_src = np.empty((n_fixed + n_o_keep, n_head), np.int32)
     o_from = np.empty_like(o_src, np.uint8)
     q_src = np.empty((n_q_keep, n_head), np.int32)
@@ -52,9 +55,9 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
         fixed = np.flatnonzero(protected[:, h])
         cand = np.setdiff1d(np.arange(len(pos)), fixed, assume_unique=True)
         # ranked together, highest score first, ties to the newer token
-        cand = cand[np.lexsort((-pos[cand, h], -score[cand, h]))]
+        cand = cand[np.lexsort((-pos[cand, h], -rank[cand, h]))]
         may_o = pool[cand] != POOL_Q if not quantize else pool[cand] == POOL_O
-        keep_o = cand[may_o][:n_o_keep]
+        keep_o = cand[may_o][: n_fixed - len(fixed) + n_o_keep]
         rest = cand[~np.isin(cand, keep_o)]
         to_q, to_s = rest[:n_q_keep], rest[n_q_keep : n_q_keep + n_s_keep]
         o_rows = np.concatenate([fixed, keep_o])
