@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--every", type=int, default=20, help="print a line every this many turns")
     k.add_argument("--ignore-eos", action="store_true",
                    help="never sample end-of-text: every answer runs to --max-tokens")
+    k.add_argument("--history", choices=["resend", "cache"], default="resend",
+                   help="resend: every turn sends the whole conversation (create_chat_completion, "
+                        "as OpenAI-style clients); cache: only the new turn, the conversation "
+                        "lives in the KV cache")
     o = sub.add_parser("_one", help=argparse.SUPPRESS)
     o.add_argument("spec")
     args = p.parse_args(argv)
