@@ -106,24 +106,31 @@ class Expected:
             self.o[li] = o[:len(o) - n_rm]
         self.pos_max = p0 - 1
 
-    def holds_from(self, p0: int) -> bool:
-        """Whether any row is at a position >= p0."""
-        return any((a >= p0).any() for a in self.o + self.q)
+    def holds(self, p0: int, p1: int = N_CTX) -> bool:
+        """Whether any row is at a position in [p0, p1)."""
+        return any(((a >= p0) & (a < p1)).any() for a in self.o + self.q)
 
-    def heads_lose_alike(self, p0: int) -> bool:
-        """Whether every head of each layer holds as many rows at positions >= p0."""
-        return all(len(set(((o >= p0).sum(0) + (q >= p0).sum(0)).tolist())) <= 1
+    def heads_lose_alike(self, p0: int, p1: int = N_CTX) -> bool:
+        """Whether every head of each layer holds as many rows at positions in [p0, p1)."""
+        def lost(a: np.ndarray) -> np.ndarray:
+            return ((a >= p0) & (a < p1)).sum(0)
+        return all(len(set((lost(o) + lost(q)).tolist())) <= 1
                    for o, q in zip(self.o, self.q, strict=True))
 
-    def cut(self, p0: int) -> None:
-        """Drop positions >= p0 from a tailored cache (llama-arkv's removal_move): each head
+    def moves_on_removal(self, p0: int, p1: int = N_CTX) -> bool:
+        """Whether removing [p0, p1) changes the layout: it holds rows, or (the move sorts O
+        by position) some head's O rows are out of position order."""
+        return self.holds(p0, p1) or any((np.diff(o, axis=0) < 0).any() for o in self.o)
+
+    def remove(self, p0: int, p1: int = N_CTX) -> None:
+        """Drop positions in [p0, p1) from every pool (llama-arkv's removal_move): each head
         keeps its other rows in their pools; where heads keep different O counts, a head's
         newest Q rows go up into O until it has as many as the head with the most. O rows end
-        in position order, Q rows in slot order."""
+        in position order, Q rows in slot order. The rows follow at the next update."""
         for li, (o, q) in enumerate(zip(self.o, self.q, strict=True)):
             H = o.shape[1]
-            ko = [o[:, h][o[:, h] < p0] for h in range(H)]
-            kq = [q[:, h][q[:, h] < p0] for h in range(H)]
+            ko = [o[:, h][(o[:, h] < p0) | (o[:, h] >= p1)] for h in range(H)]
+            kq = [q[:, h][(q[:, h] < p0) | (q[:, h] >= p1)] for h in range(H)]
             t_o = max((len(k) for k in ko), default=0)
             o_new, q_new = [], []
             for h in range(H):
@@ -133,7 +140,33 @@ class Expected:
                 q_new.append(np.array([p for p in kq[h] if p not in up], np.int64))
             self.o[li] = np.stack(o_new, 1) if H else o[:0]
             self.q[li] = np.stack(q_new, 1) if H else q[:0]
-        self.pos_max = self.pos_planned_max = p0 - 1
+        self.pos_planned_max = self.pos_max
+        self.removal_pending = True
+        if self.pos_min() < 0:
+            self.clear()  # nothing left: the memory clears itself
+
+    def cut(self, p0: int) -> None:
+        """Drop positions >= p0 from a tailored cache; the sequence ends before p0."""
+        if self.moves_on_removal(p0):
+            self.remove(p0)
+        if self.pos_max >= 0:
+            self.pos_max = self.pos_planned_max = p0 - 1
+
+    def shift_back(self, p1: int, d: int) -> None:
+        """seq_add(p1, -1, -d): rows at positions >= p1 move back by d (their K rotated at the
+        next update); what the transition check remembers moves with them."""
+        if not self.holds(p1):
+            return  # no row moved: the memory leaves pos_max as it is
+        for a in self.o + self.q:
+            a[a >= p1] -= d
+        for layer in self.seen:
+            for h, seen in enumerate(layer):
+                layer[h] = {(p - d if p >= p1 else p): s for p, s in seen.items()
+                            if p < p1 - d or p >= p1}
+        for layer in self.up:
+            for h, up in enumerate(layer):
+                layer[h] = {p - d if p >= p1 else p for p in up if p < p1 - d or p >= p1}
+        self.pos_max = self.pos_planned_max = self.pos_max - d
         self.removal_pending = True
 
 
@@ -311,7 +344,7 @@ class Walk:
             expected, what = True, "clear"
         elif p0 > e.pos_planned_max:
             expected, what = (False, "pending") if e.pending is not None else (True, "tail")
-        elif e.pending is not None and e.holds_from(p0):  # (holding none, there is none to move)
+        elif e.pending is not None and e.moves_on_removal(p0):  # (else nothing to move)
             expected, what = False, "pending"
         elif e.heads_lose_alike(p0):
             expected, what = True, "tailored"
@@ -331,6 +364,32 @@ class Walk:
             self.assert_unchanged(before)
         self.llm.n_tokens = e.pos_max + 1  # the next eval continues from the cache's end
         self.count(f"seq_rm {what}")
+
+    def shift(self) -> None:
+        """llama.cpp's context shift: seq_rm of a middle range [n_keep, n_keep + n_discard),
+        then seq_add of what follows by -n_discard. The removal is refused, nothing changed,
+        where heads would keep different counts or a plan is pending (and rows are in it)."""
+        e = self.exp
+        if e.pos_max < 1:
+            return
+        n_keep = int(self.rng.integers(0, e.pos_max))
+        n_discard = int(self.rng.integers(1, e.pos_max - n_keep + 1))
+        p1 = n_keep + n_discard  # <= pos_max: a middle range, not a tail
+        removable = not e.moves_on_removal(n_keep, p1) or (e.pending is None and
+                                                            e.heads_lose_alike(n_keep, p1))
+        before = self.snapshot()
+        got = llama_cpp.llama_memory_seq_rm(self.memory, 0, n_keep, p1)
+        assert got == removable, f"seq_rm [{n_keep}, {p1}) of [{e.pos_min()}, {e.pos_max}]"
+        if not got:
+            self.assert_unchanged(before)
+            return self.count("shift refused")
+        if e.moves_on_removal(n_keep, p1):
+            e.remove(n_keep, p1)
+        llama_cpp.llama_memory_seq_add(self.memory, 0, p1, -1, -n_discard)
+        if e.pos_max >= 0:
+            e.shift_back(p1, n_discard)
+        self.llm.n_tokens = e.pos_max + 1
+        self.count("shift")
 
     def save_load(self) -> None:
         """Save, go on (decodes, plans, perhaps one left pending), load: the state is back and
@@ -353,7 +412,7 @@ class Walk:
         e.decode(1)
         self.check()
         for _ in range(int(self.rng.integers(0, 4))):
-            self.step(str(self.rng.choice(["decode", "submit", "seq_rm"])))
+            self.step(str(self.rng.choice(["decode", "submit", "seq_rm", "shift"])))
         self.llm.load_state(state)
         self.exp = saved  # and a plan pending before the load is dropped
         assert self.llm.n_tokens == n0
@@ -371,6 +430,7 @@ class Walk:
             "submit": self.submit,
             "submit_invalid": self.submit_invalid,
             "seq_rm": self.seq_rm,
+            "shift": self.shift,
             "clear": self.clear,
             "save_load": self.save_load,
         }[op]()
@@ -423,11 +483,12 @@ class Walk:
         seen.update(now)
 
 
-OPS = ["decode", "decode_too_much", "submit", "submit_invalid", "seq_rm", "clear", "save_load"]
-WEIGHTS = np.array([0.36, 0.06, 0.24, 0.1, 0.14, 0.03, 0.08])
+OPS = ["decode", "decode_too_much", "submit", "submit_invalid", "seq_rm", "shift", "clear",
+       "save_load"]
+WEIGHTS = np.array([0.36, 0.06, 0.24, 0.1, 0.14, 0.08, 0.03, 0.08])
 OUTCOMES = ["decode", "decode refused", "plan", "plan refused", "seq_rm nothing", "seq_rm clear",
-            "seq_rm pending", "seq_rm tailored", "seq_rm heads differ", "seq_rm tail", "clear",
-            "save/load"]
+            "seq_rm pending", "seq_rm tailored", "seq_rm heads differ", "seq_rm tail", "shift",
+            "shift refused", "clear", "save/load"]
 
 
 def run_walk(path: str, budget_tokens: int) -> Walk:

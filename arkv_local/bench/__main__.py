@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--every", type=int, default=20, help="print a line every this many turns")
     k.add_argument("--ignore-eos", action="store_true",
                    help="never sample end-of-text: every answer runs to --max-tokens")
+    k.add_argument("--kv-spill", choices=["host", "disk", "none"], default="host",
+                   help="where rows leaving the budget go (none: evicted)")
     k.add_argument("--history", choices=["resend", "cache"], default="resend",
                    help="resend: every turn sends the whole conversation (create_chat_completion, "
                         "as OpenAI-style clients); cache: only the new turn, the conversation "

@@ -112,12 +112,14 @@ class Turns:
 def soak(args: argparse.Namespace) -> None:
     """Chat until args.tokens answer tokens are generated; print a line every args.every turns
     and a summary comparing the first thousand tokens with the rest."""
+    spill = None if args.kv_spill == "none" else args.kv_spill
     llm = Llama(args.model or str(default_model_path()), kv_policy=args.policy,
-                kv_budget=args.kv_budget, n_ctx=args.n_ctx, n_threads=args.threads,
-                seed=0, verbose=False)
+                kv_budget=args.kv_budget, kv_spill=spill, n_ctx=args.n_ctx,
+                n_threads=args.threads, seed=0, verbose=False)
     # an answer that ends at once would make a long soak of short turns: end-of-text kept out
     bias = {llm.token_eos(): float("-inf")} if args.ignore_eos else None
-    print(f"soak: {args.policy}, kv_budget {args.kv_budget} f16 tokens, window {llm.n_ctx()}, "
+    print(f"soak: {args.policy}, kv_budget {args.kv_budget} f16 tokens, spill {args.kv_spill}, "
+          f"window {llm.n_ctx()}, history {args.history}, "
           f"{args.tokens} answer tokens, {args.max_tokens} per turn at most"
           f"{', end of text never sampled' if args.ignore_eos else ''}")
     print(f"{'turn':>5} {'answer tok':>10} {'seen tok':>9} {'shifts':>6} {'s/turn':>7} "
