@@ -143,9 +143,10 @@ class Llama(llama_cpp.Llama):
             return
         memory = llama_cpp.llama_get_memory(self.ctx)
         held = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
-        if held < self.n_tokens or not self._tailor.cut(self.n_tokens, held - 1):
-            # the cache lost its rows (an update that failed cleared it), or refused to cut
-            # its tail: re-read the kept prefix from scratch
+        if held < self.n_tokens or not self._tailor.cut(self.n_tokens, held - 1,
+                                                        exact=not self._tailor.session.dropped):
+            # the cache lost its rows (an update that failed cleared it), or its tail is not
+            # cut: re-read the kept prefix from scratch, as a fresh object would
             tokens = self.input_ids[: self.n_tokens].tolist() + tokens
             self.n_tokens = 0
         if self.n_tokens == 0:

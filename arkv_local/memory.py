@@ -232,10 +232,15 @@ class TriStateKV:
         llama_cpp.llama_memory_seq_add(mem, 0, n_keep + n_discard, -1, -n_discard)
         self.apply()
 
-    def cut(self, p0: int) -> bool:
-        """Positions from p0 on leave the cache (llama_memory_seq_rm(p0, -1)); False, nothing
-        changed, where the KV heads would keep different numbers of rows (last_error says)."""
-        return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, p0, -1))
+    def cut(self, p0: int, exact: bool = False) -> bool:
+        """Positions from p0 on leave the cache; False, nothing changed, where KV heads would
+        keep different numbers of rows or a plan is pending (last_error says). `exact`: only a
+        tail no plan has touched (llama_memory_seq_rm: the prefix left is then what a fresh read
+        of it holds)."""
+        if exact:
+            mem = llama_cpp.llama_get_memory(self.ctx)
+            return bool(llama_cpp.llama_memory_seq_rm(mem, 0, p0, -1))
+        return bool(arkv_cpp.llama_arkv_cut_tail(self.ctx, p0))
 
     def set_recall(self, on: bool) -> None:
         """While on, every ubatch also attends over (and scores) the spilled rows."""

@@ -128,19 +128,20 @@ class Tailor:
         self.session.n_shifts += 1
         self.session.dropped.extend(dropped)
 
-    def cut(self, n: int, pos_max: int) -> bool:
+    def cut(self, n: int, pos_max: int, exact: bool = False) -> bool:
         """Positions from n on leave the cache (a prompt that leaves the history there: an answer
         read back tokenized otherwise); the rows before stay as plans left them. Where KV heads
         hold different tokens of the tail, a plan evicts it first (as a shift's does), so that
-        every head loses as many rows. False: refused, the tail is still there."""
+        every head loses as many rows. `exact`: only a tail no plan has touched (the prefix is
+        then what a fresh read of it holds). False: not cut, the tail is still there."""
         if n > pos_max:
             return True
         self.kv.apply()
-        if not self._heads_lose_alike(n):
+        if not exact and not self._heads_lose_alike(n):
             caps_o = [info.cap_o for info in self.kv.layers()]
             self.kv.submit(self.policy.drop_plan(self.view(pos_max), caps_o, (n, pos_max + 1)))
             self.kv.apply()
-        if not self.kv.cut(n):
+        if not self.kv.cut(n, exact):
             return False
         self.policy.shift(n, pos_max + 1 - n)  # what it remembers of the tail's positions goes
         return True

@@ -91,7 +91,7 @@ class Walk:
         self.counts[action] = self.counts.get(action, 0) + 1
         if action == "fresh" or (action == "shared" and not self.prompt):
             self.complete(self.tokens(20, 300))
-        elif action == "shared":  # the cached prefix is reused (the rest cut, even tailored)
+        elif action == "shared":  # the cached prefix is reused (or re-read once tailored)
             keep = int(self.rng.integers(1, len(self.prompt) + 1))
             self.complete((self.prompt[:keep] + self.tokens(1, 200))[: N_CTX - 64])
         elif action == "chat":

@@ -99,26 +99,16 @@ def test_speed_keeps_the_best_prefill_and_the_plans_of_the_best_decode() -> None
 
 
 def test_soak_with_the_history_in_the_cache_reads_only_each_new_turn(
-        smollm2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        smollm2: Path, decoded: list[int]) -> None:
     """`bench soak --history cache`: each turn sends the cache's tokens and the new turn's, so
     llama.cpp decodes the answer's last token, the template's turn text and the answer, nothing
     of the history; past shifts the cache's text is still the chat template's conversation."""
-    import llama_cpp
-
     from arkv_local import Llama
     from arkv_local.bench.soak import Turns
 
     llm = Llama(smollm2, kv_policy="arkv", kv_budget=128, n_ctx=256, n_threads=2, verbose=False)
     system = {"role": "system", "content": "You are a helpful assistant."}
     turns = Turns(llm, system)
-    decoded: list[int] = []
-    stock = llama_cpp.Llama.eval
-
-    def counted(self: llama_cpp.Llama, toks: list[int]) -> None:
-        decoded.append(len(toks))
-        stock(self, toks)
-
-    monkeypatch.setattr(llama_cpp.Llama, "eval", counted)
     users = [{"role": "user", "content": f"Tell me one more thing about {t}."}
              for t in ("rivers", "bread", "owls", "maps")]
     for i, user in enumerate(users):

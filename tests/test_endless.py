@@ -127,7 +127,7 @@ def test_completion_after_shifts_reads_only_the_new_tokens() -> None:
     assert llm.kv_stats().n_tokens == seen
 
 
-def test_a_history_read_back_otherwise_is_cut_there(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_history_read_back_otherwise_is_cut_there(decoded: list[int]) -> None:
     """A prompt that leaves the history near its end (an answer tokenized otherwise when read
     back) after shifts and plans: the cache is cut there, its tailored rows kept, and keeps the
     history the shifts took out; nothing held is read again, this turn or the next."""
@@ -140,7 +140,7 @@ def test_a_history_read_back_otherwise_is_cut_there(monkeypatch: pytest.MonkeyPa
     assert llm.kv_stats().n_shifts >= 1
     history = llm_history(llm)
     held = llm.n_tokens
-    decoded = count_decoded(monkeypatch)
+    decoded.clear()
     other = history[:-80] + [(history[-80] % 250) + 2] + tokens(10, 2000)  # in a tailored part
     out = llm.create_completion(other, **options)
     assert sum(decoded) == 11 + out["usage"]["completion_tokens"] - 1  # only the new tokens
@@ -151,19 +151,6 @@ def test_a_history_read_back_otherwise_is_cut_there(monkeypatch: pytest.MonkeyPa
         read.clear()
         out = llm.create_completion(llm_history(llm) + tokens(10, 3000 + turn * 10), **options)
         assert sum(read) == 10 + out["usage"]["completion_tokens"] - 1
-
-
-def count_decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The lengths of the token lists llama.cpp decodes from now on (re-reads included)."""
-    decoded: list[int] = []
-    stock = llama_cpp.Llama.eval
-
-    def counted(self: llama_cpp.Llama, toks: list[int]) -> None:
-        decoded.append(len(toks))
-        stock(self, toks)
-
-    monkeypatch.setattr(llama_cpp.Llama, "eval", counted)
-    return decoded
 
 
 def llm_history(llm: Llama) -> list[int]:

@@ -131,7 +131,7 @@ def test_chat_streaming_and_prefix_reuse_work(smollm2: Path) -> None:
               for c in llm.create_chat_completion(messages, max_tokens=24, stream=True)]
     first = "".join(pieces)
     assert first.strip() and llm.kv_stats().n_tailorings > 0
-    # the same conversation again: the tailored prefix is reused, the answer cut off
+    # the same conversation again: the tailored prefix cannot be reused, it is read again
     again = llm.create_chat_completion(messages, max_tokens=24, temperature=0)
     assert again["choices"][0]["message"]["content"].strip()
     assert llm.kv_stats().bytes_used <= llm.kv_stats().bytes_budget

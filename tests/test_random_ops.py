@@ -328,6 +328,13 @@ class Walk:
         self.count("plan refused")
 
     def seq_rm(self) -> None:
+        self.tail("seq_rm")
+
+    def cut(self) -> None:
+        self.tail("cut")
+
+    def tail(self, op: str) -> None:
+        """llama_memory_seq_rm(p0, -1) ("seq_rm"), or llama_arkv_cut_tail (TriStateKV.cut)."""
         e = self.exp
         # the boundaries of the rule, or anywhere
         special = [e.pos_min(), e.pos_planned_max, e.pos_planned_max + 1, e.pos_max, e.pos_max + 1]
@@ -336,14 +343,17 @@ class Walk:
         else:
             p0 = int(self.rng.integers(0, e.pos_max + 3))
         # the rule of llama-arkv: no cut while a plan is pending (it names the rows as they are);
-        # a tail no plan has touched is the newest O rows; a tailored one leaves every pool,
-        # where every head of each layer loses as many rows
+        # a tail no plan has touched is the newest O rows; seq_rm refuses a tailored one (what
+        # is left is not what a fresh read holds), a cut takes it out of every pool where every
+        # head of each layer loses as many rows
         if p0 > e.pos_max:
             expected, what = True, "nothing"
         elif p0 <= e.pos_min():
             expected, what = True, "clear"
         elif p0 > e.pos_planned_max:
             expected, what = (False, "pending") if e.pending is not None else (True, "tail")
+        elif op == "seq_rm":
+            expected, what = False, "tailored"
         elif e.pending is not None and e.moves_on_removal(p0):  # (else nothing to move)
             expected, what = False, "pending"
         elif e.heads_lose_alike(p0):
@@ -351,19 +361,19 @@ class Walk:
         else:
             expected, what = False, "heads differ"
         before = self.snapshot()
-        got = llama_cpp.llama_memory_seq_rm(self.memory, 0, p0, -1)
-        assert got == expected, f"seq_rm from {p0}: pos min/planned max/max " \
+        got = self.mem.cut(p0, exact=op == "seq_rm")
+        assert got == expected, f"{op} from {p0}: pos min/planned max/max " \
             f"{e.pos_min()}/{e.pos_planned_max}/{e.pos_max}"
         if what == "clear":
             e.clear()
         elif what == "tail":
             e.truncate(p0)
-        elif what == "tailored":
+        elif what == "tailored" and got:
             e.cut(p0)
         else:
             self.assert_unchanged(before)
         self.llm.n_tokens = e.pos_max + 1  # the next eval continues from the cache's end
-        self.count(f"seq_rm {what}")
+        self.count(f"{op} {what}")
 
     def shift(self) -> None:
         """llama.cpp's context shift: seq_rm of a middle range [n_keep, n_keep + n_discard),
@@ -412,7 +422,7 @@ class Walk:
         e.decode(1)
         self.check()
         for _ in range(int(self.rng.integers(0, 4))):
-            self.step(str(self.rng.choice(["decode", "submit", "seq_rm", "shift"])))
+            self.step(str(self.rng.choice(["decode", "submit", "seq_rm", "cut", "shift"])))
         self.llm.load_state(state)
         self.exp = saved  # and a plan pending before the load is dropped
         assert self.llm.n_tokens == n0
@@ -430,6 +440,7 @@ class Walk:
             "submit": self.submit,
             "submit_invalid": self.submit_invalid,
             "seq_rm": self.seq_rm,
+            "cut": self.cut,
             "shift": self.shift,
             "clear": self.clear,
             "save_load": self.save_load,
@@ -483,12 +494,12 @@ class Walk:
         seen.update(now)
 
 
-OPS = ["decode", "decode_too_much", "submit", "submit_invalid", "seq_rm", "shift", "clear",
-       "save_load"]
-WEIGHTS = np.array([0.36, 0.06, 0.24, 0.1, 0.14, 0.08, 0.03, 0.08])
+OPS = ["decode", "decode_too_much", "submit", "submit_invalid", "seq_rm", "cut", "shift",
+       "clear", "save_load"]
+WEIGHTS = np.array([0.36, 0.06, 0.24, 0.1, 0.1, 0.1, 0.08, 0.03, 0.08])
 OUTCOMES = ["decode", "decode refused", "plan", "plan refused", "seq_rm nothing", "seq_rm clear",
-            "seq_rm pending", "seq_rm tailored", "seq_rm heads differ", "seq_rm tail", "shift",
-            "shift refused", "clear", "save/load"]
+            "seq_rm pending", "seq_rm tailored", "seq_rm tail", "cut tailored", "cut heads differ",
+            "cut pending", "shift", "shift refused", "clear", "save/load"]
 
 
 def run_walk(path: str, budget_tokens: int) -> Walk:

@@ -613,8 +613,9 @@ def test_state_after_a_context_shift_round_trips() -> None:
 
 
 def test_tail_cut_after_a_shift_matches_llama_cpp_cache() -> None:
-    # a tail cut reaches rows the shift moved (the removal and the rotation owed compose), then
-    # the sequence goes on from the cut: the same calls on llama.cpp's cache, the same logits
+    # a cut reaches rows the shift moved (the removal and the rotation owed compose), then the
+    # sequence goes on from the cut: llama.cpp's cache cut by seq_rm, ours by TriStateKV.cut
+    # (seq_rm refuses a tail the shift moved), the same logits
     path = tiny("llama")
     stock = llama_cpp.Llama(str(path), **CTX)
     ours, mem = open_cache(path, rotate=False)
@@ -625,7 +626,11 @@ def test_tail_cut_after_a_shift_matches_llama_cpp_cache() -> None:
         decode(llm, [1, 2, 3], range(80, 83))
         assert llama_cpp.llama_memory_seq_rm(memory(llm), 0, 81, -1)
         assert llama_cpp.llama_memory_seq_pos_max(memory(llm), 0) == 80
-        assert llama_cpp.llama_memory_seq_rm(memory(llm), 0, 70, -1)  # rows the shift moved
+        if llm is ours:  # rows the shift moved
+            assert not llama_cpp.llama_memory_seq_rm(memory(llm), 0, 70, -1)
+            assert mem.cut(70)
+        else:
+            assert llama_cpp.llama_memory_seq_rm(memory(llm), 0, 70, -1)
         assert llama_cpp.llama_memory_seq_pos_max(memory(llm), 0) == 69
         out.append(decode_each(llm, [4, 5, 6], 70))
     for layer in range(mem.n_layer):

@@ -269,9 +269,11 @@ def test_bad_plans_are_refused_and_change_nothing(smollm2: Path, tokens: list[in
     assert [i.n_o for i in mem.layers()] == [101] * mem.n_layer
 
 
-def test_seq_rm_cuts_a_tail_that_every_head_loses_alike(smollm2: Path, tokens: list[int]) -> None:
-    """A tail (llama.cpp's seq_rm(p0, -1)) leaves the cache whether or not plans moved rows; it
-    is refused, nothing changed, only where KV heads would keep different numbers of rows."""
+def test_a_tailored_tail_is_cut_where_heads_lose_alike(smollm2: Path, tokens: list[int]) -> None:
+    """llama.cpp's seq_rm(p0, -1) takes out a tail no plan has touched and refuses a tailored
+    one (what is left is not what a fresh read holds: llama-cpp-python then reads it again);
+    TriStateKV.cut takes a tailored tail out too, refused, nothing changed, only where KV heads
+    would keep different numbers of rows."""
     ours, mem = open_tristate(smollm2, 1024, flash_attn=True)
     memory = llama_cpp.llama_get_memory(ours.ctx)
     H = mem.n_head_kv
@@ -308,11 +310,13 @@ def test_seq_rm_cuts_a_tail_that_every_head_loses_alike(smollm2: Path, tokens: l
     mem.submit(per_head({0: 200, 1: 240}, to_q=False))
     mem.apply()
     before = held()
-    assert not llama_cpp.llama_memory_seq_rm(memory, 0, 230, -1)
+    assert not llama_cpp.llama_memory_seq_rm(memory, 0, 241, -1)  # tailored
+    assert "llama_arkv_cut_tail takes a tailored tail" in last_error()
+    assert not mem.cut(230)
     assert "KV head 0 would keep" in last_error()
     assert held() == before and llama_cpp.llama_memory_seq_pos_max(memory, 0) == 259
     # from 241 on, every head loses the same 19 rows: cut, the rows before kept where they were
-    assert llama_cpp.llama_memory_seq_rm(memory, 0, 241, -1)
+    assert mem.cut(241)
     assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == 240
     assert held() == [[p - set(range(241, 260)) for p in layer] for layer in before]
     assert [i.n_o for i in mem.layers()] == [230] * mem.n_layer
@@ -324,7 +328,7 @@ def test_seq_rm_cuts_a_tail_that_every_head_loses_alike(smollm2: Path, tokens: l
     mem.submit(per_head({0: 100, 1: 245}, to_q=True))
     mem.apply()
     before = held()
-    assert llama_cpp.llama_memory_seq_rm(memory, 0, 243, -1)
+    assert mem.cut(243)
     assert held() == [[p - set(range(243, 251)) for p in layer] for layer in before]
     assert [(i.n_o, i.n_q) for i in mem.layers()] == [(232, 0)] * mem.n_layer
     ours.n_tokens = 243

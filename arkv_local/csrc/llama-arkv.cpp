@@ -102,6 +102,13 @@ int32_t llama_arkv_free_slots(const struct llama_context * ctx) {
     return kv->free_slots();
 }
 
+bool llama_arkv_cut_tail(struct llama_context * ctx, int32_t p0) {
+    auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    llama_arkv_set_error("");
+    return kv->cut_tail(p0);
+}
+
 bool llama_arkv_get_pool_extent(const struct llama_context * ctx, int32_t i, uint64_t * out) {
     const auto * kv = arkv_of(ctx);
     if (!kv || i < 0 || (uint32_t) i >= kv->n_layer()) {

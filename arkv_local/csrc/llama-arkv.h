@@ -89,6 +89,12 @@ extern "C" {
     // tokens that can be decoded before a plan must free O slots (once the pending plan, if any, is applied)
     LLAMA_API int32_t llama_arkv_free_slots(const struct llama_context * ctx);
 
+    // positions from p0 on leave the cache, as llama_memory_seq_rm(mem, 0, p0, -1), also where plans moved
+    // rows (seq_rm refuses that tail: the prefix left is not what a fresh read holds). False, nothing changed
+    // (llama_arkv_last_error says why), where a layer's KV heads would keep different numbers of rows or a plan
+    // is pending
+    LLAMA_API bool llama_arkv_cut_tail(struct llama_context * ctx, int32_t p0);
+
     // where layer i's K pools lie in its arena, in bytes (V's are alike): out[6] = { O offset, O bytes,
     // Q offset, Q bytes, arena bytes allocated, 1 if all pools are views of their arena (never padded) }
     LLAMA_API bool llama_arkv_get_pool_extent(const struct llama_context * ctx, int32_t i, uint64_t * out);

@@ -455,21 +455,13 @@ bool llama_kv_cache_arkv::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1
         clear(false);
         return true;
     }
-    if (p0 <= pos_planned_max) {
-        // a tailored tail: out of every pool, as a middle range (refused where the heads would keep
-        // different counts, or a plan is pending), and the sequence ends before it
-        if (!remove_rows(p0, pos_max + 1)) {
-            return false;
-        }
-        if (pos_max >= 0) { // remove_rows clears a cache it empties
-            pos_max = p0 - 1;
-            pos_planned_max = std::min(pos_planned_max, pos_max);
-        }
-        return true;
-    }
-    if (!pending.empty()) {
-        llama_arkv_set_error("cannot remove positions from " + std::to_string(p0) +
-                             ": a plan is pending and names the rows as they are; apply it first (llama_arkv_apply_plan)");
+    if (!pending.empty() || p0 <= pos_planned_max) {
+        // a pending plan names the rows as they are; a tailored prefix is not what a fresh read of it holds,
+        // and llama.cpp's callers (llama-cpp-python's prompt cache) expect that one: they read it again
+        // (cut_tail takes a tailored tail out; rows moved by seq_rm or seq_add count as tailored)
+        llama_arkv_set_error("positions from " + std::to_string(p0) + " not removed: " + (!pending.empty() ?
+            "a plan is pending and names the rows as they are; apply it first (llama_arkv_apply_plan)" :
+            "plans moved rows there (llama_arkv_cut_tail takes a tailored tail)"));
         return false;
     }
     GGML_ASSERT(pending_rm.empty() && !has_shift); // both make pos_planned_max = pos_max
@@ -486,6 +478,24 @@ bool llama_kv_cache_arkv::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1
         l.n_o -= n_rm;
     }
     pos_max = p0 - 1;
+    return true;
+}
+
+// positions from p0 on leave the cache whatever plans did to them (a history that continues the cache past
+// context shifts, where reading the prefix again is no option): a tailored tail goes out of every pool as a
+// middle range and the sequence ends before it. False (nothing changed) where remove_rows refuses.
+bool llama_kv_cache_arkv::cut_tail(llama_pos p0) {
+    p0 = std::max(p0, 0);
+    if (p0 > pos_max || p0 > pos_planned_max || p0 <= seq_pos_min(0)) {
+        return seq_rm(0, p0, -1);
+    }
+    if (!remove_rows(p0, pos_max + 1)) {
+        return false;
+    }
+    if (pos_max >= 0) { // remove_rows clears a cache it empties
+        pos_max = p0 - 1;
+        pos_planned_max = std::min(pos_planned_max, pos_max);
+    }
     return true;
 }
 

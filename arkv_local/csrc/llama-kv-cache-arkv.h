@@ -182,6 +182,7 @@ public:
     void apply_ubatch(const llama_ubatch & ubatch);
     bool can_fit(uint32_t n_tokens) const;
     int32_t free_slots() const; // O slots free in every layer, once the pending plan is applied
+    bool cut_tail(llama_pos p0); // as seq_rm(p0, -1), a tailored tail too
 
     bool rotate_k() const { return rot_k; }
     bool rotate_v() const { return rot_v; }
