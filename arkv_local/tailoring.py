@@ -136,11 +136,13 @@ class Tailor:
         then what a fresh read of it holds). False: not cut, the tail is still there."""
         if n > pos_max:
             return True
-        self.kv.apply()
-        if not exact and not self._heads_lose_alike(n):
-            caps_o = [info.cap_o for info in self.kv.layers()]
-            self.kv.submit(self.policy.drop_plan(self.view(pos_max), caps_o, (n, pos_max + 1)))
+        if not exact:  # (an exact cut is refused while a plan is pending, as it would be after)
             self.kv.apply()
+            if not self._heads_lose_alike(n):
+                caps_o = [info.cap_o for info in self.kv.layers()]
+                self.kv.submit(self.policy.drop_plan(self.view(pos_max), caps_o,
+                                                     (n, pos_max + 1)))
+                self.kv.apply()
         if not self.kv.cut(n, exact):
             return False
         self.policy.shift(n, pos_max + 1 - n)  # what it remembers of the tail's positions goes

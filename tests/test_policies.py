@@ -155,7 +155,7 @@ def test_sinks_stay_in_o() -> None:
 
 
 def test_a_window_a_cut_left_outside_o_is_ranked_first() -> None:
-    # after a cut of the tail (seq_rm) the new window (6, 7) may not be in O in every head: head 1
+    # after a cut of the tail (Tailor.cut) the new window (6, 7) may miss O in some heads: head 1
     # holds 6 in Q. Each head still keeps n_fixed = 2 protected O slots: head 1 fills its second
     # with its best other O row, and its window row 6 keeps the one Q slot over the heavier 1.
     # 54 bytes: window 2 + room 1 = 30, 24 left -> 2 more O slots (cap_o 5), 1 Q slot

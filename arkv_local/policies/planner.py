@@ -24,7 +24,7 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
     n_head = lv.pos_o.shape[1]
     pos = lv.pos
     recent = (pos > pos_max - window) | (pos < sinks)
-    # the window and sinks stay in O. After a cut of the tail (seq_rm) the new window's older
+    # the window and sinks stay in O. After a cut of the tail (Tailor.cut) the new window's older
     # rows may be in Q, spilled or evicted in some heads: such a head fills the protected slots
     # it cannot use with its best other rows, its window rows ranked first
     protected = recent[:n_o]
