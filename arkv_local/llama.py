@@ -248,6 +248,13 @@ class Llama(llama_cpp.Llama):
             self._make_room(len(tokens))
             reset = False
 
+    def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        """As llama_cpp.Llama's; first frees the sampler it replaces, which is a reference
+        cycle (see _free_sampler) that would otherwise wait for Python's rare full collection."""
+        _free_sampler(self._sampler)
+        self._sampler = None
+        return super()._init_sampler(*args, **kwargs)
+
     def create_completion(self, prompt: str | list[int], *args: Any,
                           **kwargs: Any) -> Any:
         """As llama_cpp.Llama.create_completion; with a policy, a prompt of tokens (as the chat
@@ -419,6 +426,18 @@ def _first(inner: Iterator[int], llm: Llama, sampler: Any) -> int:
         return next(inner)
     finally:
         del llm._init_sampler
+
+
+def _free_sampler(sampler: llama_cpp._internals.LlamaSampler | None) -> None:
+    """Free a llama_cpp sampler now: its chain and exit stack refer to each other, and so do a
+    custom sampler (logits processors, logit_bias) and its callback's closure; both cycles
+    hold the C chain and per-token ctypes objects until a full collection."""
+    if sampler is None:
+        return
+    customs = [custom for _, custom in sampler.custom_samplers]
+    sampler.close()  # frees the C chain and empties the exit stack
+    for custom in customs:
+        custom.__dict__.clear()  # what the callback's closure (via self) kept alive
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

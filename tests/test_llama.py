@@ -163,3 +163,30 @@ def test_from_pretrained_reports_only_transport_failures_as_such(
     with pytest.raises(ConnectionError, match=r"could not fetch '\*.gguf' .*'org/repo' "
                                               r"\(OSError: .*Network is unreachable"):
         arkv_local.Llama.from_pretrained("org/repo", "*.gguf")
+
+
+@pytest.mark.parametrize("policy", ["full", "arkv"])
+def test_a_replaced_sampler_is_freed_without_the_cycle_collector(smollm2: Path,
+                                                                 policy: str) -> None:
+    """llama_cpp's samplers are reference cycles (a custom sampler and its callback's closure;
+    the chain and its exit stack): left to Python's rare full collection, each generation's
+    sampler and its C chain pile up over a long chat (the soak's RSS slope)."""
+    import gc
+    import weakref
+
+    budget = {"kv_budget": 256} if policy != "full" else {}
+    llm = arkv_local.Llama(str(smollm2), kv_policy=policy, n_ctx=512, verbose=False, **budget)
+    bias = {llm.token_eos(): -1.0}  # a logit bias makes a custom sampler
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        llm.create_completion("One, two,", max_tokens=3, logit_bias=bias)
+        chain = weakref.ref(llm._sampler)
+        custom = weakref.ref(llm._sampler.custom_samplers[0][1])
+        llm.create_completion("Red, green,", max_tokens=3, logit_bias=bias)
+        assert chain() is None and custom() is None
+        llm.sample()  # the sampler the last generation left is still the one sample() uses
+    finally:
+        if was:
+            gc.enable()
+    llm.close()
