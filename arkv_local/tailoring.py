@@ -57,11 +57,7 @@ class Tailor:
         self.budget = Budget(params.budget_bytes, kv.slot_bytes_o, kv.slot_bytes_q,
                              cap_s=params.cap_s)
         self.group = n_head // kv.n_head_kv
-        # the most new tokens one plan can make room for; a prompt is read in chunks of half
-        # that: room reserved in f16 for a chunk is budget not spent on kept (4-bit) tokens
-        max_room = self.budget.cap_o_max - policy.window - policy.sinks
-        assert max_room >= policy.slack, "the budget was checked against the policy"
-        self.max_chunk = max(policy.slack, max_room // 2)
+        self.max_chunk = policy.read_chunk(self.budget.cap_o_max)
         # a prompt's last tokens that read every row, spilled ones too (all scored)
         self.recall_tokens = min(recall_tokens, self.max_chunk) if params.cap_s else 0
 

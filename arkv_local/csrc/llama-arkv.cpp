@@ -90,6 +90,15 @@ uint64_t llama_arkv_slot_bytes(const struct llama_context * ctx, bool quantized)
     return 2*(quantized ? kv->row_bytes_lo() : kv->row_bytes_o());
 }
 
+uint64_t llama_arkv_compute_bytes(const struct llama_context * ctx) {
+    ggml_backend_sched_t sched = ctx->get_sched();
+    uint64_t total = 0;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+        total += ggml_backend_sched_get_buffer_size(sched, ggml_backend_sched_get_backend(sched, i));
+    }
+    return total;
+}
+
 uint32_t llama_arkv_cap_q(const struct llama_context * ctx, uint32_t cap_o) {
     const auto * kv = arkv_of(ctx);
     GGML_ASSERT(kv);

@@ -83,6 +83,9 @@ extern "C" {
     // bytes of one slot (K+V, all KV heads) in the O and in the Q pool
     LLAMA_API uint64_t llama_arkv_slot_bytes(const struct llama_context * ctx, bool quantized);
 
+    // bytes of the context's compute buffers, all backends: what its graphs reserved (any memory)
+    LLAMA_API uint64_t llama_arkv_compute_bytes(const struct llama_context * ctx);
+
     // Q slots a layer's budget leaves when its O pool has cap_o slots (0 if cap_o does not fit)
     LLAMA_API uint32_t llama_arkv_cap_q(const struct llama_context * ctx, uint32_t cap_o);
 

@@ -96,6 +96,14 @@ class Policy:
         """The smallest budget (in f16 tokens per layer) a plan fits in: window, sinks, slack."""
         return self.window + self.sinks + self.slack
 
+    def read_chunk(self, budget_tokens: int) -> int:
+        """The most tokens a prompt is read in at once with a budget of budget_tokens f16
+        tokens per layer: half of what one plan can make room for (room reserved in f16 for a
+        chunk is budget not spent on kept 4-bit tokens)."""
+        max_room = budget_tokens - self.window - self.sinks
+        assert max_room >= self.slack, "the budget was checked against the policy"
+        return max(self.slack, max_room // 2)
+
     def plan(self, view: KVView, budget: Budget, room: int) -> list[LayerPlan]:
         """A plan that leaves at least `room` free O slots in every layer."""
         room = max(room, self.slack)
