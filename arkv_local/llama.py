@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -10,7 +9,6 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -128,12 +126,11 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"kv_spill={kv_spill!r} needs kv_observe >= 1 (the queries that "
                              "recall spilled rows); pass kv_spill=None to evict instead")
         params = dataclasses.replace(params, cap_s=cap_s, spill_dir=spill_dir)
-        # the compute buffer is reserved for the largest chunk a read decodes at once and, but
-        # for logits_all or embeddings, one row of logits (llama.cpp: n_batch rows, 512)
-        chunk = policy.read_chunk(layer_bytes // shape.f16_slot_bytes)
-        kwargs["n_ubatch"] = min(kwargs.get("n_ubatch", 512), chunk)
-        one_row = not kwargs.get("logits_all", False) and not kwargs.get("embedding", False)
-        with gguf_load_errors(path), armed(params), _n_outputs_max(1 if one_row else 0):
+        # no decode is larger than the chunks a read takes: llama.cpp reserves its compute
+        # buffer for n_ubatch tokens (logits included), so n_ubatch is the largest chunk
+        kwargs["n_ubatch"] = min(kwargs.get("n_ubatch", 512),
+                                 policy.read_chunk(layer_bytes // shape.f16_slot_bytes))
+        with gguf_load_errors(path), armed(params):
             super().__init__(os.fspath(path), **kwargs)
         self._n_ctx_train = shape.n_ctx_train
         kv = TriStateKV(self.ctx)
@@ -413,32 +410,6 @@ class Llama(llama_cpp.Llama):
                 "and pass model_path=..."
             ) from e
         return cls(model_path, **llama_kwargs)
-
-
-_defaults = threading.local()  # llama_context_params fields set in this thread (_n_outputs_max)
-
-
-def _context_default_params() -> llama_cpp.llama_context_params:
-    params = _default_context_params()
-    for name, value in getattr(_defaults, "fields", {}).items():
-        setattr(params, name, value)
-    return params
-
-
-_default_context_params = llama_cpp.llama_cpp.llama_context_default_params
-llama_cpp.llama_cpp.llama_context_default_params = _context_default_params
-
-
-@contextlib.contextmanager
-def _n_outputs_max(n: int) -> Iterator[None]:
-    """Within the block, llama contexts this thread creates reserve n rows of outputs (0:
-    n_batch): llama_cpp.Llama sets the fields it takes on llama.cpp's default parameters, and
-    n_outputs_max is not one of them. Only a reserve: a decode with more outputs still runs."""
-    _defaults.fields = {"n_outputs_max": n}
-    try:
-        yield
-    finally:
-        _defaults.fields = {}
 
 
 class ContextWindowExceeded(ValueError):
