@@ -129,3 +129,19 @@ def test_soak_with_the_history_in_the_cache_reads_only_each_new_turn(
     at = [text.index(f"<|im_start|>user\n{u['content']}<|im_end|>\n<|im_start|>assistant\n")
           for u in users]
     assert at == sorted(at)
+
+
+def test_two_keys_are_counted_over_the_prompts_full_answers() -> None:
+    from arkv_local.bench.suite import depth_label, two_key_finds
+
+    def trial(length: int, depth: float | list[float], ok: bool) -> dict[str, object]:
+        return {"length": length, "depth": depth, "ok": ok}
+
+    pk = {"full": {"trials": [trial(1024, 0.5, True), trial(1024, [0.25, 0.75], True),
+                              trial(1024, [0.1, 0.6], False), trial(2048, [0.25, 0.75], True)]},
+          "arkv@25%": {"trials": [trial(1024, 0.5, False), trial(1024, [0.25, 0.75], False),
+                                  trial(1024, [0.1, 0.6], True),
+                                  trial(2048, [0.25, 0.75], True)]}}
+    assert two_key_finds(pk, "arkv@25%") == (1, 2)  # the pair full misses is not counted
+    assert two_key_finds(pk, "full") == (2, 2)
+    assert [depth_label(d) for d in (0.1, [0.25, 0.75])] == ["10%", "two@25+75%"]

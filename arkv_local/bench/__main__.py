@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7800])
     r.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     r.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    r.add_argument("--passkey-pairs", nargs="+", default=["0.25/0.75"],
+                   help="depths of the two keys of a two-key prompt, one prompt per pair and "
+                        "length (e.g. 0.1/0.6 0.25/0.75)")
     r.add_argument("--passkey-configs", nargs="+",
                    help="passkey rows to run, by name (e.g. full arkv@12.5%%; default: all)")
     r.add_argument("--speed-configs", nargs="+", default=["full", "quant", "window", "h2o",

@@ -118,17 +118,18 @@ def passkey_prompt(llm: Llama, n_tokens: int, needles: list[tuple[float, str]],
 
 def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
     """Passkey trials (length, depth) for one configuration: answers and whether each is right.
-    With cfg["two_keys"], one more trial per length holds two keys (at 25% and 75%) and asks
-    for both."""
+    Per length, one more trial for each pair of depths in cfg["pairs"] holds two keys there
+    and asks for both."""
     model = cfg["model"]
     rng = np.random.default_rng(cfg.get("seed", 0))
     trials = []
     for length in cfg["lengths"]:
-        for depth in cfg["depths"] + ["two"] * bool(cfg.get("two_keys")):
-            keys = [int(k) for k in rng.integers(10000, 100000, 2 if depth == "two" else 1)]
-            if depth == "two":
-                needles = [(0.25, f"The first pass key is {keys[0]}. Remember it. "),
-                           (0.75, f"The second pass key is {keys[1]}. Remember it. ")]
+        for depth in cfg["depths"] + [tuple(p) for p in cfg.get("pairs", [])]:
+            two = isinstance(depth, tuple)
+            keys = [int(k) for k in rng.integers(10000, 100000, 2 if two else 1)]
+            if two:
+                needles = [(depth[0], f"The first pass key is {keys[0]}. Remember it. "),
+                           (depth[1], f"The second pass key is {keys[1]}. Remember it. ")]
                 question = "What are the two pass keys? Answer with the two numbers only."
             else:
                 needles = [(depth, f"The pass key is {keys[0]}. Remember it. "
@@ -139,7 +140,8 @@ def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
             r = llm.create_chat_completion([{"role": "user", "content": prompt}],
                                            temperature=0.0, max_tokens=12 * len(keys))
             answer = r["choices"][0]["message"]["content"] or ""
-            trials.append(dict(length=length, depth=depth, key=keys, answer=answer,
+            trials.append(dict(length=length, depth=list(depth) if two else depth, key=keys,
+                               answer=answer,
                                n_prompt=r["usage"]["prompt_tokens"],
                                ok=all(str(k) in answer for k in keys)))
             llm.close()
