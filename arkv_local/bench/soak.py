@@ -15,6 +15,7 @@ import numpy as np
 from llama_cpp import LogitsProcessorList
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from .. import arkv_cpp
 from ..llama import Llama
 from ..models import default_model_path
 
@@ -124,7 +125,7 @@ def soak(args: argparse.Namespace) -> None:
           f"{', end of text never sampled' if args.ignore_eos else ''}")
     print(f"{'turn':>5} {'answer tok':>10} {'seen tok':>9} {'shifts':>6} {'s/turn':>7} "
           f"{'KV MiB':>7} {'spill MiB':>9} {'RSS MiB':>8} {'peak MiB':>8} {'anon MiB':>8} "
-          f"{'file MiB':>8} {'heap MiB':>8} {'py kblk':>7}")
+          f"{'file MiB':>8} {'heap MiB':>8} {'py kblk':>7} {'comp MiB':>8}")
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
     turns = Turns(llm, messages[0]) if args.history == "cache" else None
     generated, turn, rows = 0, 0, []
@@ -150,7 +151,8 @@ def soak(args: argparse.Namespace) -> None:
             print(f"{turn:>5} {generated:>10} {stats.n_tokens:>9} {stats.n_shifts:>6} "
                   f"{seconds:>7.2f} {stats.bytes_used / 2**20:>7.2f} "
                   f"{stats.bytes_spill / 2**20:>9.2f} {rss:>8.1f} {peak:>8.1f} "
-                  f"{m['anon']:>8.1f} {m['file']:>8.1f} {m['heap']:>8.1f} {m['py_kblocks']:>7.0f}",
+                  f"{m['anon']:>8.1f} {m['file']:>8.1f} {m['heap']:>8.1f} {m['py_kblocks']:>7.0f} "
+                  f"{arkv_cpp.llama_arkv_compute_bytes(llm.ctx) / 2**20:>8.1f}",
                   flush=True)
     after = [r for r in rows if r[0] > 1000]
     if after:
