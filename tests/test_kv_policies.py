@@ -322,7 +322,7 @@ def test_the_compute_buffer_is_reserved_for_the_chunks_a_policy_reads(smollm2: P
     MiB for SmolLM2's vocabulary); a policy never decodes more than one chunk at a time."""
     from arkv_local import arkv_cpp
 
-    def compute(**kwargs: object) -> tuple[int, float]:
+    def compute(**kwargs: object) -> tuple[int, int]:
         llm = Llama(smollm2, n_ctx=1024, verbose=False, **kwargs)  # type: ignore[arg-type]
         try:
             return llm.context_params.n_ubatch, arkv_cpp.llama_arkv_compute_bytes(llm.ctx)
