@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -232,13 +233,16 @@ class Llama(llama_cpp.Llama):
                 tokens = tokens[self.n_tokens if reset else 0 :]  # continues the cache
             else:
                 self.reset()
-            self.eval(tokens)
+            with self._reading_prompt():
+                self.eval(tokens)
             tokens, reset = [], False
         carried = None  # the sampler of the generation a context shift interrupted
         while True:
             inner = super().generate(tokens, reset=reset, **options)
             try:
-                token = _first(inner, self, carried)
+                # the first token reads the prompt's rest; after a shift, tokens it generated
+                with self._reading_prompt(carried is None):
+                    token = _first(inner, self, carried)
                 while True:
                     sent = yield token
                     tokens = [token, *(sent or [])]
@@ -251,6 +255,18 @@ class Llama(llama_cpp.Llama):
             inner.close()
             self._make_room(len(tokens))
             reset = False
+
+    @contextlib.contextmanager
+    def _reading_prompt(self, on: bool = True) -> Iterator[None]:
+        """Evals inside read a prompt: its small chunks too go through llama.cpp's attention,
+        not the fused decode kernel, so an answer does not depend on how much of its prompt
+        the cache held (llama_cpp re-reads a prefix hit's last token alone)."""
+        assert self._tailor is not None
+        self._tailor.kv.set_prompt(on)
+        try:
+            yield
+        finally:
+            self._tailor.kv.set_prompt(False)
 
     def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
         """As llama_cpp.Llama's; first frees the sampler it replaces, which is a reference

@@ -246,6 +246,11 @@ class TriStateKV:
         """While on, every ubatch also attends over (and scores) the spilled rows."""
         arkv_cpp.llama_arkv_set_recall(self.ctx, on)
 
+    def set_prompt(self, on: bool) -> None:
+        """While on, small ubatches are read as a prompt's (llama.cpp's attention, not the fused
+        decode kernel): a prompt's logits do not depend on how much of it was cached."""
+        arkv_cpp.llama_arkv_set_prompt(self.ctx, on)
+
     def request_stats(self) -> None:
         """Measure ARKV's prefill statistics on the last ubatch of the next decode."""
         arkv_cpp.llama_arkv_request_stats(self.ctx)

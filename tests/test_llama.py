@@ -190,3 +190,31 @@ def test_a_replaced_sampler_is_freed_without_the_cycle_collector(smollm2: Path,
         if was:
             gc.enable()
     llm.close()
+
+
+def test_a_prompt_ends_on_the_same_logits_whatever_the_cache_held(smollm2: Path) -> None:
+    """A greedy answer must not depend on the prompt cache: read fresh, after a prompt that
+    shares its start, or after itself (llama_cpp then re-reads its last token alone), a prompt
+    ends on the stock f16 cache's logits while nothing is quantized (small chunks used to go
+    through the fused decode kernel: the server's two concurrent chats answered differently)."""
+    knobs = dict(n_ctx=512, n_threads=2, seed=0, verbose=False)
+    stock = llama_cpp.Llama(str(smollm2), **knobs)
+    llm = arkv_local.Llama(str(smollm2), kv_policy="arkv", kv_budget=256, kv_rotate=False,
+                           **knobs)
+
+    def first_logits(model: llama_cpp.Llama, text: str) -> np.ndarray:
+        gen = model.generate(model.tokenize(text.encode()), temp=0.0)
+        next(gen)
+        gen.close()
+        row = llama_cpp.llama_get_logits_ith(model.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(model.n_vocab(),)).copy()
+
+    question, other = "Name a color of the sky.", "Name the capital of France."
+    want = first_logits(stock, question)
+    fresh = first_logits(llm, question)
+    first_logits(llm, other)  # shares the question's first word
+    after_other = first_logits(llm, question)
+    again = first_logits(llm, question)  # the whole prompt cached: its last token alone
+    assert llm.kv_stats().layers[0].n_q == 0  # nothing quantized: the stock logits are exact
+    for got in (fresh, after_other, again):
+        np.testing.assert_array_equal(got, want)

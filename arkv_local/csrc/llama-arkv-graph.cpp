@@ -32,7 +32,8 @@ static uint32_t arkv_pad_rows(uint32_t n, uint32_t cap) {
 //
 
 bool llama_kv_cache_arkv::layout::operator==(const layout & other) const {
-    if (n_old != other.n_old || n_mask != other.n_mask || stats != other.stats || recall != other.recall || pools != other.pools ||
+    if (n_old != other.n_old || n_mask != other.n_mask || stats != other.stats || recall != other.recall || prompt != other.prompt ||
+        pools != other.pools ||
         views.size() != other.views.size()) {
         return false;
     }
@@ -54,6 +55,7 @@ llama_kv_cache_arkv::layout llama_kv_cache_arkv::make_layout(uint32_t n_tokens, 
     layout lay;
     lay.pools = pools_generation;
     lay.recall = recall && !worst_case;
+    lay.prompt = prompt;
     lay.views.resize(layers.size());
     for (size_t i = 0; i < layers.size(); ++i) {
         const auto & l = layers[i];
@@ -209,10 +211,14 @@ void llama_kv_cache_arkv::build_stats(ggml_context * ctx0, ggml_cgraph * gf, con
 
 // which attention a layer builds for a ubatch
 llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_graph_context & gctx, const layer & l,
-                                                                     const view & v, int64_t n_tokens, bool stats) const {
+                                                                     const view & v, int64_t n_tokens,
+                                                                     const layout & lay) const {
+    // a prompt's ubatches all take the prefill paths, whatever their size: its logits are the same however it
+    // was split into ubatches (and bit-exact with the stock cache while nothing is quantized)
+    const bool decode = n_tokens <= ARKV_DECODE_MAX_TOKENS && !lay.prompt;
     // decoding from host pools: the fused kernel, also over O rows alone (it reads each f16 key once per GQA
     // group and scores as it goes; llama.cpp's attention reads it once per query head, then scores again)
-    const bool fused = n_tokens <= ARKV_DECODE_MAX_TOKENS && !stats && v.n_s == 0 && !gctx.hparams.attn_soft_cap &&
+    const bool fused = decode && !lay.stats && v.n_s == 0 && !gctx.hparams.attn_soft_cap &&
                        params.attn == LLAMA_ARKV_ATTN_AUTO && llama_arkv_attn_cpu_available() &&
                        ggml_backend_buffer_is_host(l.k_arena->buffer);
     if (v.n_lo == 0 && v.n_s == 0) {
@@ -220,7 +226,7 @@ llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_g
         // the stock cache
         return fused ? ATTN_FUSED_CPU : ATTN_STOCK;
     }
-    if (n_tokens > ARKV_DECODE_MAX_TOKENS || stats || v.n_s > 0 || gctx.hparams.attn_soft_cap ||
+    if (!decode || lay.stats || v.n_s > 0 || gctx.hparams.attn_soft_cap ||
         params.attn == LLAMA_ARKV_ATTN_DEQUANT) {
         // prefill amortizes dequantizing over many queries; statistics need the full softmax; a recall pass
         // reads the spilled rows once, from host memory
@@ -385,7 +391,7 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
     ggml_tensor * v_o;
     build_store(ctx0, gf, inp, l, ikv, k_cur, v_cur, &k_o, &v_o);
 
-    const attn_path path = choose_attn_path(gctx, l, v, n_tokens, inp->lay.stats);
+    const attn_path path = choose_attn_path(gctx, l, v, n_tokens, inp->lay);
     if (path == ATTN_FUSED_CPU) {
         llama_arkv_attn_params & ap = inp->attn[ikv];
         ap.scale   = kq_scale;
@@ -523,4 +529,8 @@ ggml_tensor * llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph
 uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem) {
     const auto * kv = dynamic_cast<const llama_kv_cache_arkv *>(mem);
     return kv ? 112*kv->n_layer() : 0; // store, dequant + concat (LO, S), mask window, scores, statistics: ~85 per layer
+}
+
+bool llama_arkv_is_memory(const llama_memory_i * mem) {
+    return dynamic_cast<const llama_kv_cache_arkv *>(mem) != nullptr;
 }

@@ -179,6 +179,12 @@ void llama_arkv_set_recall(struct llama_context * ctx, bool on) {
     kv->set_recall(on);
 }
 
+void llama_arkv_set_prompt(struct llama_context * ctx, bool on) {
+    auto * kv = arkv_of(ctx);
+    GGML_ASSERT(kv);
+    kv->set_prompt(on);
+}
+
 int32_t llama_arkv_submit_plan(struct llama_context * ctx, const struct llama_arkv_layer_plan * plans) {
     auto * kv = arkv_of(ctx);
     if (!kv) {

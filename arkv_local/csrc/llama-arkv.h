@@ -127,6 +127,10 @@ extern "C" {
     // on the last tokens of a prompt so that the plan after it can bring back what the question needs
     LLAMA_API void llama_arkv_set_recall(struct llama_context * ctx, bool on);
 
+    // while on, every ubatch is read with llama.cpp's attention, small ones too (not the fused decode
+    // kernel): the logits a prompt ends with do not depend on how much of it the cache already held
+    LLAMA_API void llama_arkv_set_prompt(struct llama_context * ctx, bool on);
+
     // the next decode's last ubatch measures, per layer, the entropy, variance and kurtosis of the
     // attention of its last n_score_queries queries (ARKV's observation window) to the keys before them
     LLAMA_API void llama_arkv_request_stats(struct llama_context * ctx);

@@ -148,6 +148,8 @@ public:
 
     // the next ubatches also attend over the spilled rows (see llama_arkv_set_recall)
     void set_recall(bool on) { recall = on; }
+    // the next ubatches read a prompt (see llama_arkv_set_prompt)
+    void set_prompt(bool on) { prompt = on; }
     uint32_t get_n_scored() const { return n_scored; }
 
     //
@@ -172,6 +174,7 @@ public:
         uint32_t lo_pad_max = 0;
         bool stats = false;       // compute the observation window's statistics
         bool recall = false;      // a recall pass: spilled rows are read, and every query is scored
+        bool prompt = false;      // a prompt's ubatch: llama.cpp's attention whatever its size
         uint32_t pools = 0;       // pool placement the graph reads (changes with plans and state loads)
         bool operator==(const layout & other) const;
     };
@@ -198,7 +201,8 @@ public:
         ATTN_FUSED_CPU, // one pass over Q and O rows in host memory (llama-arkv-attn-cpu.h)
         ATTN_SEGMENTS,  // flash attention over LO rows as they lie and over O rows, merged exactly
     };
-    attn_path choose_attn_path(const llm_graph_context & gctx, const layer & l, const view & v, int64_t n_tokens, bool stats) const;
+    attn_path choose_attn_path(const llm_graph_context & gctx, const layer & l, const view & v, int64_t n_tokens,
+                               const layout & lay) const;
 
     // store K/V of the current ubatch into O and accumulate scores for the last n_score_queries
     // queries; returns the attention output when it computed it (fused or segments), else nullptr
@@ -280,6 +284,7 @@ private:
     uint32_t pools_generation = 0; // bumped whenever the pools are placed anew
     bool want_stats  = false;      // the next batch's last ubatch computes statistics
     bool recall      = false;      // ubatches also attend over the spilled rows
+    bool prompt      = false;      // ubatches read a prompt: never the fused decode kernel
     bool stats_valid = false;
 
     std::vector<layer_move> pending;
@@ -383,6 +388,10 @@ ggml_tensor * llama_arkv_build_attn_kv(const llm_graph_context & gctx, llm_graph
 
 // context hook: graph nodes the memory adds to the model's graph (0 if it is not ARKV)
 uint32_t llama_arkv_graph_extra_nodes(const llama_memory_i * mem);
+
+// context hook, called from llama_context::memory_update: whether mem is the tri-state memory (its pools, and
+// so its worst-case graph, change with updates)
+bool llama_arkv_is_memory(const llama_memory_i * mem);
 
 // model hook, called from llama_model::create_memory: nullptr when ARKV is not armed
 llama_memory_i * llama_arkv_create_memory(const llama_model & model, const llama_cparams & cparams);
