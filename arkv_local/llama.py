@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -92,6 +91,7 @@ class Llama(llama_cpp.Llama):
                              tau=arkv_tau, gamma=arkv_gamma)
         self.kv_policy = kv_policy if isinstance(kv_policy, str) else policy.name
         self._tailor: Tailor | None = None
+        self._sampled = (-1, -1)  # where the last sampled token goes, and the token
         self.progress_bar = bool(kwargs.get("verbose", True))  # while reading long prompts
         if policy is None and (kv_budget is not None or kv_budget_bytes is not None):
             raise ValueError("kv_budget needs a kv_policy other than 'full'")
@@ -154,6 +154,11 @@ class Llama(llama_cpp.Llama):
             # cut: re-read the kept prefix from scratch, as a fresh object would
             tokens = self.input_ids[: self.n_tokens].tolist() + tokens
             self.n_tokens = 0
+        # the token sample() just chose is decoded (the fused kernel); anything else is a prompt,
+        # read with llama.cpp's attention in chunks of any size: a prompt then ends on the same
+        # logits however much of it the cache held (llama_cpp re-reads a prefix hit's last
+        # token alone), and a greedy answer does not depend on the prompt cache
+        self._tailor.kv.set_prompt((self.n_tokens, *tokens) != self._sampled)
         if self.n_tokens == 0:
             llama_cpp.llama_memory_clear(memory, True)
             self._tailor.start_sequence()
@@ -233,16 +238,13 @@ class Llama(llama_cpp.Llama):
                 tokens = tokens[self.n_tokens if reset else 0 :]  # continues the cache
             else:
                 self.reset()
-            with self._reading_prompt():
-                self.eval(tokens)
+            self.eval(tokens)
             tokens, reset = [], False
         carried = None  # the sampler of the generation a context shift interrupted
         while True:
             inner = super().generate(tokens, reset=reset, **options)
             try:
-                # the first token reads the prompt's rest; after a shift, tokens it generated
-                with self._reading_prompt(carried is None):
-                    token = _first(inner, self, carried)
+                token = _first(inner, self, carried)
                 while True:
                     sent = yield token
                     tokens = [token, *(sent or [])]
@@ -256,17 +258,12 @@ class Llama(llama_cpp.Llama):
             self._make_room(len(tokens))
             reset = False
 
-    @contextlib.contextmanager
-    def _reading_prompt(self, on: bool = True) -> Iterator[None]:
-        """Evals inside read a prompt: its small chunks too go through llama.cpp's attention,
-        not the fused decode kernel, so an answer does not depend on how much of its prompt
-        the cache held (llama_cpp re-reads a prefix hit's last token alone)."""
-        assert self._tailor is not None
-        self._tailor.kv.set_prompt(on)
-        try:
-            yield
-        finally:
-            self._tailor.kv.set_prompt(False)
+    def sample(self, *args: Any, **kwargs: Any) -> int:
+        """As llama_cpp.Llama.sample; remembers the token and where it goes, so that eval
+        decodes it, and only it, with the fused kernel (see eval)."""
+        token = super().sample(*args, **kwargs)
+        self._sampled = (self.n_tokens, token)
+        return token
 
     def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
         """As llama_cpp.Llama's; first frees the sampler it replaces, which is a reference
@@ -306,9 +303,11 @@ class Llama(llama_cpp.Llama):
                 if m < self.n_tokens:  # it leaves the history before the cache's end
                     self._cut(m)
                     held = self.input_ids[: self.n_tokens]
-        new, answer = len(prompt) - self.n_tokens, max(max_tokens or 0, 0)
-        if self.n_tokens > 0 and new > 0 and len(prompt) + answer >= self._n_ctx and \
-                _common_prefix(prompt, held) == self.n_tokens:
+        m = _common_prefix(prompt, held)
+        new, answer = len(prompt) - m, max(max_tokens or 0, 0)
+        if m > n_keep and new > 0 and len(prompt) + answer >= self._n_ctx:
+            if m < self.n_tokens:
+                self._cut(m)  # the history reads back otherwise from m on: what follows goes
             self._make_room(new + answer + 1)
             prompt = self.input_ids[: self.n_tokens].tolist() + prompt[-new:]
         return prompt

@@ -153,6 +153,25 @@ def test_a_history_read_back_otherwise_is_cut_there(decoded: list[int]) -> None:
         assert sum(read) == 10 + out["usage"]["completion_tokens"] - 1
 
 
+def test_an_answer_past_the_window_is_whole_when_the_history_reads_back_otherwise() -> None:
+    """Before any shift, a prompt that leaves the cache's history near its end (an answer
+    tokenized otherwise when read back) and whose answer would overrun the window: the window
+    shifts first, as for a prompt that extends the history, and the answer gets its max_tokens
+    (llama_cpp cut it at n_ctx: the soak's fourth turn, 42 of 128 tokens)."""
+    llm = Llama(tiny_model_path("llama", **TINY), kv_policy="arkv", kv_budget=128, n_ctx=N_CTX,
+                verbose=False)
+    a = llm.tokenize(b"a", add_bos=False)[0]  # every answer token: 50 tokens are 50 "a"s
+    options = dict(max_tokens=50, temperature=0, logit_bias={a: 1e9})
+    llm.create_completion(tokens(150), **options)  # 199 positions held, no shift yet
+    assert llm.kv_stats().n_shifts == 0 and llm.n_tokens == 150 + 50 - 1  # the last: sampled
+    history = llm_history(llm)
+    other = history[:-20] + [(history[-20] % 250) + 2] + tokens(30, 2000)  # 210 + 50 > 256
+    llm.create_completion(other, **options)
+    assert llm.kv_stats().n_shifts == 1
+    history = llm_history(llm)  # the prompt, then the whole answer (as the first turn's)
+    assert history[: len(other)] == other and len(history) == len(other) + 50 - 1
+
+
 def llm_history(llm: Llama) -> list[int]:
     """What the sequence read: the window's first tokens, what shifts took out, the rest."""
     s = llm._tailor.session
@@ -210,8 +229,9 @@ def test_a_chat_three_windows_long_finds_a_key_given_after_the_last_shift(smollm
         read.clear()
         out = llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0)
         messages.append(out["choices"][0]["message"])
-        # the new turn and the answer only: the history is never read again
-        assert sum(read) <= len(llm.tokenize(text.encode())) + 24 + max_tokens, read
+        # the new turn and the answer; of the history at most the last answer's tail, where
+        # it reads back tokenized otherwise ('"bee' generated as '"', 'bee'): never all of it
+        assert sum(read) <= len(llm.tokenize(text.encode())) + 24 + 2 * max_tokens, read
         return out["choices"][0]["message"]["content"]
 
     topics = ["rivers", "bread", "chess", "bees", "trains", "glass", "tea", "owls"]

@@ -218,3 +218,22 @@ def test_a_prompt_ends_on_the_same_logits_whatever_the_cache_held(smollm2: Path)
     assert llm.kv_stats().layers[0].n_q == 0  # nothing quantized: the stock logits are exact
     for got in (fresh, after_other, again):
         np.testing.assert_array_equal(got, want)
+
+
+def test_only_the_token_just_sampled_is_decoded_as_a_decode(smollm2: Path) -> None:
+    """The fused decode kernel reads the tokens sample() chose, in generate and in a loop of
+    sample() and eval() alike; every other eval is a prompt (llama.cpp's attention)."""
+    from itertools import islice
+
+    llm = arkv_local.Llama(str(smollm2), kv_policy="arkv", kv_budget=256, n_ctx=512,
+                           verbose=False)
+    kv, calls = llm._tailor.kv, []
+    set_prompt = kv.set_prompt
+    kv.set_prompt = lambda on: (calls.append(on), set_prompt(on))  # type: ignore[method-assign]
+    list(islice(llm.generate(llm.tokenize(b"One, two, three,"), temp=0.0), 4))
+    assert calls == [True, False, False, False]  # the prompt, then 3 of the 4 tokens sampled
+    calls.clear()
+    token = llm.sample(temp=0.0)
+    llm.eval([token])
+    llm.eval([token])  # no longer the token just sampled: a prompt of one token
+    assert calls == [False, True]
