@@ -91,7 +91,7 @@ class Llama(llama_cpp.Llama):
                              tau=arkv_tau, gamma=arkv_gamma)
         self.kv_policy = kv_policy if isinstance(kv_policy, str) else policy.name
         self._tailor: Tailor | None = None
-        self._sampled = (-1, -1)  # where the last sampled token goes, and the token
+        self._reading_prompt = False  # generate is reading its prompt (see _first)
         self.progress_bar = bool(kwargs.get("verbose", True))  # while reading long prompts
         if policy is None and (kv_budget is not None or kv_budget_bytes is not None):
             raise ValueError("kv_budget needs a kv_policy other than 'full'")
@@ -154,11 +154,11 @@ class Llama(llama_cpp.Llama):
             # cut: re-read the kept prefix from scratch, as a fresh object would
             tokens = self.input_ids[: self.n_tokens].tolist() + tokens
             self.n_tokens = 0
-        # the token sample() just chose is decoded (the fused kernel); anything else is a prompt,
-        # read with llama.cpp's attention in chunks of any size: a prompt then ends on the same
-        # logits however much of it the cache held (llama_cpp re-reads a prefix hit's last
-        # token alone), and a greedy answer does not depend on the prompt cache
-        self._tailor.kv.set_prompt((self.n_tokens, *tokens) != self._sampled)
+        # one token is decoded (the fused kernel), unless generate reads it as its prompt; more
+        # are a prompt, read with llama.cpp's attention in chunks of any size: a prompt then
+        # ends on the same logits however much of it the cache held, and a greedy answer does
+        # not depend on the prompt cache
+        self._tailor.kv.set_prompt(len(tokens) > 1 or self._reading_prompt)
         if self.n_tokens == 0:
             llama_cpp.llama_memory_clear(memory, True)
             self._tailor.start_sequence()
@@ -257,13 +257,6 @@ class Llama(llama_cpp.Llama):
             inner.close()
             self._make_room(len(tokens))
             reset = False
-
-    def sample(self, *args: Any, **kwargs: Any) -> int:
-        """As llama_cpp.Llama.sample; remembers the token and where it goes, so that eval
-        decodes it, and only it, with the fused kernel (see eval)."""
-        token = super().sample(*args, **kwargs)
-        self._sampled = (self.n_tokens, token)
-        return token
 
     def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
         """As llama_cpp.Llama's; first frees the sampler it replaces, which is a reference
@@ -437,9 +430,14 @@ _COMPLETION = inspect.signature(llama_cpp.Llama.create_completion)
 
 def _first(inner: Iterator[int], llm: Llama, sampler: Any) -> int:
     """The first token of llama_cpp's generate, sampled by `sampler` if given (a generation
-    that goes on after a context shift), not by a fresh one."""
+    that goes on after a context shift), not by a fresh one. Without one it reads a prompt,
+    even one token of it (a prefix hit re-reads the prompt's last token alone)."""
     if sampler is None:
-        return next(inner)
+        llm._reading_prompt = True
+        try:
+            return next(inner)
+        finally:
+            llm._reading_prompt = False
     llm._init_sampler = lambda *args, **kwargs: sampler  # type: ignore[method-assign]
     try:
         return next(inner)

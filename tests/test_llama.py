@@ -220,9 +220,11 @@ def test_a_prompt_ends_on_the_same_logits_whatever_the_cache_held(smollm2: Path)
         np.testing.assert_array_equal(got, want)
 
 
-def test_only_the_token_just_sampled_is_decoded_as_a_decode(smollm2: Path) -> None:
-    """The fused decode kernel reads the tokens sample() chose, in generate and in a loop of
-    sample() and eval() alike; every other eval is a prompt (llama.cpp's attention)."""
+def test_one_token_is_decoded_as_a_decode_unless_generate_reads_it_as_its_prompt(
+        smollm2: Path) -> None:
+    """The fused decode kernel reads one token at a time (generate's sampled tokens, a loop of
+    eval() of one token); every longer eval, and generate's prompt even of one token, is a
+    prompt (llama.cpp's attention)."""
     from itertools import islice
 
     llm = arkv_local.Llama(str(smollm2), kv_policy="arkv", kv_budget=256, n_ctx=512,
@@ -230,10 +232,13 @@ def test_only_the_token_just_sampled_is_decoded_as_a_decode(smollm2: Path) -> No
     kv, calls = llm._tailor.kv, []
     set_prompt = kv.set_prompt
     kv.set_prompt = lambda on: (calls.append(on), set_prompt(on))  # type: ignore[method-assign]
-    list(islice(llm.generate(llm.tokenize(b"One, two, three,"), temp=0.0), 4))
+    prompt = llm.tokenize(b"One, two, three,")
+    list(islice(llm.generate(prompt, temp=0.0), 4))
     assert calls == [True, False, False, False]  # the prompt, then 3 of the 4 tokens sampled
     calls.clear()
-    token = llm.sample(temp=0.0)
-    llm.eval([token])
-    llm.eval([token])  # no longer the token just sampled: a prompt of one token
+    llm.eval([llm.sample(temp=0.0)])
+    llm.eval(prompt[1:3])
     assert calls == [False, True]
+    calls.clear()
+    next(llm.generate(prompt, temp=0.0))  # a prefix hit: its last token read again, alone
+    assert calls == [True]
