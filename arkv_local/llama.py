@@ -300,7 +300,7 @@ class Llama(llama_cpp.Llama):
         new, answer = len(prompt) - m, max(max_tokens or 0, 0)
         if m > n_keep and new > 0 and len(prompt) + answer >= self._n_ctx:
             if m < self.n_tokens:
-                self._cut(m)  # the history reads back otherwise from m on: what follows goes
+                self._cut(m)  # the history reads back otherwise from m on: the tail leaves
             self._make_room(new + answer + 1)
             prompt = self.input_ids[: self.n_tokens].tolist() + prompt[-new:]
         return prompt
