@@ -4,6 +4,7 @@ same cache that never spilled (bytes and logits), and as a user sees it (pass ke
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,32 +67,36 @@ def identity_plan(mem, recall: bool) -> list[LayerPlan]:
     return plan
 
 
-def run(path: Path, attn: str, spill: bool):
-    """Prefill, a plan that spills (or quantizes) N_S rows per head, one token decoded in a
+def run(path: Path, attn: str, spill: bool, n_recall: int = 1):
+    """Prefill, a plan that spills (or quantizes) N_S rows per head, n_recall tokens read in a
     recall pass, a plan that recalls them (or keeps all), N_NEXT - 1 tokens decoded."""
     rng = np.random.default_rng(SEED)
-    tokens = random_tokens(path, N_PAST + N_NEXT, rng)
+    tokens = random_tokens(path, N_PAST + n_recall + N_NEXT - 1, rng)
     llm, mem = open_memory(path, *ATTN[attn], cap_s=128 if spill else 0)
     llm.eval(tokens[:N_PAST])
     before = cache_rows(llm, mem)
     plan, rows = split_plan(mem, rng, spill)
     mem.submit(plan)
     mem.set_recall(True)  # no spilled row on the `not spill` side: the same as off
-    llm.eval(tokens[N_PAST:N_PAST + 1])
+    llm.eval(tokens[N_PAST:N_PAST + n_recall])
     mem.set_recall(False)
     spilled = cache_rows(llm, mem)
     scores = mem.scores()
     mem.submit(identity_plan(mem, recall=spill))
-    for t in range(N_PAST + 1, N_PAST + N_NEXT):
+    for t in range(N_PAST + n_recall, len(tokens)):
         llm.eval(tokens[t:t + 1])
-    logits = llm.scores[N_PAST:N_PAST + N_NEXT].astype(np.float64)
+    logits = llm.scores[N_PAST:len(tokens)].astype(np.float64)
     return llm, mem, logits, before, rows, spilled, scores, cache_rows(llm, mem)
 
 
+# a recall pass of one token (decoded: the fused kernel over S rows, as over Q rows on the other
+# side) and of 12, a question (the fused kernel reads S where it lies, the other side dequantizes Q)
+@pytest.mark.parametrize("n_recall", [1, 12])
 @pytest.mark.parametrize("attn", ["mul_mat", "flash", "fused"])
-def test_spill_then_recall_is_a_plan_that_never_spilled(tiny_llama: Path, attn: str) -> None:  # noqa: F811
-    a = run(tiny_llama, attn, spill=True)
-    b = run(tiny_llama, attn, spill=False)
+def test_spill_then_recall_is_a_plan_that_never_spilled(tiny_llama: Path, attn: str,  # noqa: F811
+                                                        n_recall: int) -> None:
+    a = run(tiny_llama, attn, spill=True, n_recall=n_recall)
+    b = run(tiny_llama, attn, spill=False, n_recall=n_recall)
     llm_a, mem_a, logits_a, before, rows, spilled, scores_a, after_a = a
     _, _, logits_b, _, _, spilled_b, scores_b, after_b = b
     for layer, (_, _, s) in enumerate(rows):
@@ -260,6 +265,38 @@ def test_pass_keys_at_a_quarter_of_the_bytes(smollm2: Path, spill: str | None,
         assert all(found) and stats.bytes_spill > 0 and stats.n_recalls == 2
         assert sum(s.n_s for s in stats.layers) > 0
     assert list(tmp_path.iterdir()) == []
+    llm.close()
+
+
+def spill_resident_bytes() -> int:
+    """Resident bytes of this process's spill file mappings (kv_spill="disk"): /proc/self/smaps."""
+    total, in_spill = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if not first.endswith(":"):  # a mapping's first line: address range ... path
+                in_spill = "arkv-spill-" in line
+            elif in_spill and first == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_spill_to_disk_keeps_no_page_of_the_file_resident(smollm2: Path,
+                                                            tmp_path: Path) -> None:
+    # the rows plans wrote and the recall pass read stay in the file (the page cache), not in
+    # the process: RSS is bounded by the budget whatever the spill holds
+    llm = Llama(smollm2, kv_policy="arkv", kv_budget=256, n_ctx=1536, kv_spill="disk",
+                kv_spill_dir=tmp_path, n_threads=2, verbose=False)
+    assert "86556" in ask(llm, 86556, 0.1)
+    stats = llm.kv_stats()
+    assert stats.bytes_spill > 2**20 and stats.n_recalls == 1
+    assert spill_resident_bytes() <= 16 * 4096  # a few pages of scores at most
+    # a saved and loaded state maps the file's pages (llama.cpp copies the rows after the cache
+    # wrote its state); the next question's plans let them go
+    llm.load_state(llm.save_state())
+    assert "67326" in ask(llm, 67326, 0.3)
+    assert spill_resident_bytes() <= 16 * 4096
     llm.close()
 
 

@@ -365,18 +365,56 @@ struct scratch {
 // split-K pass
 //
 
-// src: q, k_o, v_o, mask[, k_lo, v_lo]
+// where key j lies: keys [0, n_lo) are LO rows, [n_lo, n_lo + n_s) S rows (both of the quantized type),
+// then O rows
+struct key_rows {
+    const ggml_tensor * k_lo = nullptr, * v_lo = nullptr;
+    const ggml_tensor * k_s  = nullptr, * v_s  = nullptr;
+    const ggml_tensor * k_o  = nullptr, * v_o  = nullptr;
+    int64_t n_lo = 0;
+    int64_t n_s  = 0;
+
+    // src: q, k_o, v_o, mask[, k_lo, v_lo][, k_s, v_s]
+    key_rows(const ggml_tensor * dst, const llama_arkv_attn_params * p) : n_lo(p->n_lo), n_s(p->n_s) {
+        k_o = dst->src[1];
+        v_o = dst->src[2];
+        int i = 4;
+        if (n_lo > 0) {
+            k_lo = dst->src[i++];
+            v_lo = dst->src[i++];
+        }
+        if (n_s > 0) {
+            k_s = dst->src[i++];
+            v_s = dst->src[i++];
+        }
+    }
+    bool quantized(int64_t j) const { return j < n_lo + n_s; }
+    const ggml_tensor * k_q() const { return k_lo ? k_lo : k_s; } // the quantized type's pools (or null)
+    const ggml_tensor * v_q() const { return v_lo ? v_lo : v_s; }
+    const char * row(const ggml_tensor * lo, const ggml_tensor * s, const ggml_tensor * o, int64_t j) const {
+        if (j < n_lo) {
+            return (const char *) lo->data + j*lo->nb[1];
+        }
+        if (j < n_lo + n_s) {
+            return (const char *) s->data + (j - n_lo)*s->nb[1];
+        }
+        return (const char *) o->data + (j - n_lo - n_s)*o->nb[1];
+    }
+    const char * k(int64_t j) const { return row(k_lo, k_s, k_o, j); }
+    const char * v(int64_t j) const { return row(v_lo, v_s, v_o, j); }
+};
+
 // Per chunk of keys, in three sweeps: the logits of every key (K rows read as they are), the chunk's max and
 // one exp per key and query row, then the V rows read once each and added with those weights. Within a
 // chunk no running max is rescaled: the chunks are short (n_kv/n_chunk keys) and their scratch stays in cache.
 void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto * p = (const llama_arkv_attn_params *) userdata;
     const ggml_tensor * q    = dst->src[0];
-    const ggml_tensor * k_o  = dst->src[1];
-    const ggml_tensor * v_o  = dst->src[2];
     const ggml_tensor * mask = dst->src[3];
-    const ggml_tensor * k_lo = p->n_lo > 0 ? dst->src[4] : nullptr;
-    const ggml_tensor * v_lo = p->n_lo > 0 ? dst->src[5] : nullptr;
+    const key_rows kr(dst, p);
+    const ggml_tensor * k_o  = kr.k_o;
+    const ggml_tensor * k_q  = kr.k_q();
+    const ggml_tensor * v_q  = kr.v_q();
 
     const int64_t D      = q->ne[0];
     const int64_t n_head = q->ne[1];
@@ -384,7 +422,7 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t H      = k_o->ne[0]/D;
     const int64_t G      = n_head/H;
     const int64_t n_rows = n_tok*n_head;
-    const int64_t n_kv   = p->n_lo + p->n_o;
+    const int64_t n_kv   = p->n_lo + p->n_s + p->n_o;
     const int64_t sel0   = n_tok - p->n_sel; // first scored query
     const int64_t n_max  = (n_kv + p->n_chunk - 1)/p->n_chunk; // most keys in a chunk
 
@@ -392,13 +430,13 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
     float * probs = pv.m(p->n_chunk); // [n_sel*n_head][n_kv]
 
     const auto * tr_f16 = ggml_get_type_traits_cpu(GGML_TYPE_F16);
-    const auto * tr_klo = k_lo ? ggml_get_type_traits_cpu(k_lo->type) : nullptr;
-    const row_reader read_v_lo = v_lo ? make_reader(v_lo->type) : row_reader();
+    const auto * tr_klo = k_q ? ggml_get_type_traits_cpu(k_q->type) : nullptr;
+    const row_reader read_v_lo = v_q ? make_reader(v_q->type) : row_reader();
     const row_reader read_v_o  = make_reader(GGML_TYPE_F16);
-    const size_t k_head_lo = k_lo ? ggml_row_size(k_lo->type, D) : 0;
+    const size_t k_head_lo = k_q ? ggml_row_size(k_q->type, D) : 0;
     const size_t k_head_o  = D*sizeof(ggml_fp16_t);
 #ifdef ARKV_ATTN_AVX2
-    const bool k_grouped = k_lo && k_lo->type == GGML_TYPE_Q4_0 && tr_klo->vec_dot_type == GGML_TYPE_Q8_0 &&
+    const bool k_grouped = k_q && k_q->type == GGML_TYPE_Q4_0 && tr_klo->vec_dot_type == GGML_TYPE_Q8_0 &&
                            G <= dot_group_max;
     const bool o_grouped = G <= dot_group_max && D % 8 == 0;
 #endif
@@ -436,10 +474,9 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
         // 1. scaled logits, -inf where the mask hides the key
         for (int64_t jj = 0; jj < n; ++jj) {
             const int64_t j = j0 + jj;
-            const bool is_lo = j < p->n_lo;
+            const bool is_lo = kr.quantized(j); // an LO or S row
             const auto * tr = is_lo ? tr_klo : tr_f16;
-            const char * k_row = is_lo ? (const char *) k_lo->data + j*k_lo->nb[1]
-                                       : (const char *) k_o->data + (j - p->n_lo)*k_o->nb[1];
+            const char * k_row = kr.k(j);
             const size_t k_head = is_lo ? k_head_lo : k_head_o;
             for (int64_t t = 0; t < n_tok; ++t) {
                 const float m = mv[t*n + jj];
@@ -515,11 +552,7 @@ void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
                 }
                 const int64_t j = j0 + jj;
                 float * y = sc.vf.data() + nk*H*D;
-                if (j < p->n_lo) {
-                    read_v_lo((const char *) v_lo->data + j*v_lo->nb[1], y, H*D);
-                } else {
-                    read_v_o((const char *) v_o->data + (j - p->n_lo)*v_o->nb[1], y, H*D);
-                }
+                (kr.quantized(j) ? read_v_lo : read_v_o)(kr.v(j), y, H*D);
                 keys[nk++] = jj;
             }
             for (int64_t r = 0; r < n_rows; ++r) {
@@ -557,7 +590,7 @@ void row_final(const part_view & pv, int64_t n_chunk, int64_t r, float & m, floa
 }
 
 // the scored queries' attention probabilities, summed over them and the GQA group, into the accumulators
-// (src[1] acc_o, src[2] acc_lo): p = exp(s - M_c) * exp(M_c - m)/l, the second factor once per chunk and
+// (src[1] acc_o[, acc_lo][, acc_s]): p = exp(s - M_c) * exp(M_c - m)/l, the second factor once per chunk and
 // row; every thread needs those factors; keys are split over threads
 void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, const part_view & pv, int ith, int nth) {
     if (p->n_sel == 0) {
@@ -565,11 +598,12 @@ void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, cons
     }
     const int64_t n_head = p->n_head;
     const int64_t n_tok  = dst->ne[1];
-    const int64_t n_kv   = p->n_lo + p->n_o;
+    const int64_t n_kv   = p->n_lo + p->n_s + p->n_o;
     const int64_t sel0   = n_tok - p->n_sel;
     const int64_t n_scored = p->n_sel*n_head;
     ggml_tensor * acc_o  = dst->src[1];
     ggml_tensor * acc_lo = p->n_lo > 0 ? dst->src[2] : nullptr;
+    ggml_tensor * acc_s  = p->n_s > 0 ? dst->src[p->n_lo > 0 ? 3 : 2] : nullptr;
     const int64_t H = acc_o->ne[0];
     const int64_t G = n_head/H;
     const float * probs = pv.m(p->n_chunk);
@@ -622,9 +656,8 @@ void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, cons
             if (s1 == 0.0f) {
                 continue; // hidden to every scored query (padding slots included: nothing is written there)
             }
-            const bool is_lo = j < p->n_lo;
-            ggml_tensor * acc = is_lo ? acc_lo : acc_o;
-            const int64_t slot = is_lo ? j : j - p->n_lo;
+            ggml_tensor * acc = j < p->n_lo ? acc_lo : j < p->n_lo + p->n_s ? acc_s : acc_o;
+            const int64_t slot = j < p->n_lo ? j : j < p->n_lo + p->n_s ? j - p->n_lo : j - p->n_lo - p->n_s;
             char * a = (char *) acc->data + hk*acc->nb[0] + slot*acc->nb[1];
             *(float *) a += s1;
             *(float *) (a + acc->nb[2]) += sc.t2[j - k0];
@@ -632,7 +665,7 @@ void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, cons
     }
 }
 
-// src: part[, acc_o, acc_lo]
+// src: part[, acc_o[, acc_lo][, acc_s]]
 void arkv_attn_combine(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto * p = (const llama_arkv_attn_params *) userdata;
     const int64_t n_head = p->n_head;
@@ -663,37 +696,58 @@ void arkv_attn_combine(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
 } // namespace
 
-ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_lo, ggml_tensor * v_lo,
-                                  ggml_tensor * k_o, ggml_tensor * v_o, ggml_tensor * mask,
-                                  ggml_tensor * acc_lo, ggml_tensor * acc_o, llama_arkv_attn_params * p) {
+ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, const llama_arkv_attn_rows & lo,
+                                  const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o, ggml_tensor * mask,
+                                  llama_arkv_attn_params * p) {
     const int64_t D      = q->ne[0];
     const int64_t n_head = q->ne[1];
     const int64_t n_tok  = q->ne[2];
-    const int64_t n_kv   = p->n_lo + p->n_o;
-    GGML_ASSERT(q->type == GGML_TYPE_F32 && k_o->type == GGML_TYPE_F16 && v_o->type == GGML_TYPE_F16);
-    GGML_ASSERT(p->n_head == n_head && k_o->ne[0] % D == 0 && n_head % (k_o->ne[0]/D) == 0);
+    const int64_t n_kv   = p->n_lo + p->n_s + p->n_o;
+    GGML_ASSERT(q->type == GGML_TYPE_F32 && o.k->type == GGML_TYPE_F16 && o.v->type == GGML_TYPE_F16);
+    GGML_ASSERT(p->n_head == n_head && o.k->ne[0] % D == 0 && n_head % (o.k->ne[0]/D) == 0);
     GGML_ASSERT(p->n_sel >= 0 && p->n_sel <= n_tok && p->n_chunk >= 1 && n_kv > 0);
-    GGML_ASSERT(p->n_lo == 0 || (k_lo && v_lo && k_lo->type == v_lo->type));
-    GGML_ASSERT(p->n_sel == 0 || (acc_o && (p->n_lo == 0 || acc_lo)));
+    GGML_ASSERT(p->n_lo == 0 || (lo.k && lo.v && lo.k->type == lo.v->type));
+    GGML_ASSERT(p->n_s == 0 || (s.k && s.v && s.k->type == s.v->type));
+    GGML_ASSERT(p->n_lo == 0 || p->n_s == 0 || lo.k->type == s.k->type); // one quantized type
+    GGML_ASSERT(p->n_sel == 0 || (o.acc && (p->n_lo == 0 || lo.acc) && (p->n_s == 0 || s.acc)));
     GGML_ASSERT(mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32);
     // the V readers work per block of 32 (the block layouts above are checked against ggml's)
-    if (p->n_lo > 0) {
-        GGML_ASSERT(D % ggml_blck_size(v_lo->type) == 0);
-        switch (v_lo->type) {
-            case GGML_TYPE_Q4_0: GGML_ASSERT(ggml_type_size(v_lo->type) == sizeof(block_q4_0_view)); break;
-            case GGML_TYPE_Q4_1: GGML_ASSERT(ggml_type_size(v_lo->type) == sizeof(block_q4_1_view)); break;
-            case GGML_TYPE_Q8_0: GGML_ASSERT(ggml_type_size(v_lo->type) == sizeof(block_q8_0_view)); break;
+    if (p->n_lo > 0 || p->n_s > 0) {
+        const ggml_type type_q = (p->n_lo > 0 ? lo : s).v->type;
+        GGML_ASSERT(D % ggml_blck_size(type_q) == 0);
+        switch (type_q) {
+            case GGML_TYPE_Q4_0: GGML_ASSERT(ggml_type_size(type_q) == sizeof(block_q4_0_view)); break;
+            case GGML_TYPE_Q4_1: GGML_ASSERT(ggml_type_size(type_q) == sizeof(block_q4_1_view)); break;
+            case GGML_TYPE_Q8_0: GGML_ASSERT(ggml_type_size(type_q) == sizeof(block_q8_0_view)); break;
             default: break;
         }
     }
 
-    ggml_tensor * args_a[6] = { q, k_o, v_o, mask, k_lo, v_lo };
+    ggml_tensor * args_a[8] = { q, o.k, o.v, mask };
+    int n_a = 4;
+    if (p->n_lo > 0) {
+        args_a[n_a++] = lo.k;
+        args_a[n_a++] = lo.v;
+    }
+    if (p->n_s > 0) {
+        args_a[n_a++] = s.k;
+        args_a[n_a++] = s.v;
+    }
     const int64_t n_part = p->n_chunk*n_tok*n_head*(D + 2) + p->n_sel*n_head*n_kv;
-    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, n_part, 1, 1, 1, args_a, p->n_lo > 0 ? 6 : 4,
-                                        arkv_attn_partial, GGML_N_TASKS_MAX, p);
+    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, n_part, 1, 1, 1, args_a, n_a, arkv_attn_partial,
+                                        GGML_N_TASKS_MAX, p);
 
-    ggml_tensor * args_b[3] = { part, acc_o, acc_lo };
-    const int n_b = p->n_sel == 0 ? 1 : (p->n_lo > 0 ? 3 : 2);
+    ggml_tensor * args_b[4] = { part };
+    int n_b = 1;
+    if (p->n_sel > 0) {
+        args_b[n_b++] = o.acc;
+        if (p->n_lo > 0) {
+            args_b[n_b++] = lo.acc;
+        }
+        if (p->n_s > 0) {
+            args_b[n_b++] = s.acc;
+        }
+    }
     return ggml_custom_4d(ctx, GGML_TYPE_F32, D*n_head, n_tok, 1, 1, args_b, n_b, arkv_attn_combine, GGML_N_TASKS_MAX, p);
 }
 
@@ -703,8 +757,8 @@ bool llama_arkv_attn_cpu_available() {
     return false;
 }
 
-ggml_tensor * llama_arkv_attn_cpu(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *,
-                                  ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, llama_arkv_attn_params *) {
+ggml_tensor * llama_arkv_attn_cpu(ggml_context *, ggml_tensor *, const llama_arkv_attn_rows &, const llama_arkv_attn_rows &,
+                                  const llama_arkv_attn_rows &, ggml_tensor *, llama_arkv_attn_params *) {
     GGML_ABORT("arkv: the fused CPU attention is not built in");
 }
 

@@ -1,11 +1,12 @@
-// Fused two-segment attention on the CPU: one pass over a layer's quantized LO rows and f16 O rows
-// that dequantizes on read (no f16 copy of the cache), and adds the last queries' attention
-// probabilities to the score accumulators on the way (no second QK^T for heavy-hitter scores).
+// Fused attention on the CPU: one pass over a layer's quantized LO rows, its spilled S rows (a recall
+// pass) and its f16 O rows that dequantizes on read (no f16 copy of the cache), and adds the last
+// queries' attention probabilities to the score accumulators on the way (no second QK^T for
+// heavy-hitter scores).
 //
 // Two ggml custom ops: a split-K pass (chunks of keys -> max, sum and weighted V per query and head,
 // plus the scored queries' exp(logit - chunk max), so that scoring needs no second exp) and a combine
-// pass (output, then score accumulation split over keys). Used for small ubatches (decoding) when the
-// pools live in host memory. LO rows are read as they are: K . q on q4_0 rows in integers against the
+// pass (output, then score accumulation split over keys). Used for small ubatches (decoding) and for
+// recall passes when the pools live in host memory. LO rows are read as they are: K . q on q4_0 rows in integers against the
 // query quantized once to q8_0 (the key's nibbles unpacked once per GQA group), V rows dequantized
 // with SIMD into a small buffer and added in groups of keys. Where the time goes: docs/PROFILE.md.
 
@@ -19,8 +20,9 @@
 struct llama_arkv_attn_params {
     float   scale   = 1.0f;
     int32_t n_head  = 0; // query heads
-    int32_t n_lo     = 0; // LO rows read (keys 0 .. n_lo-1)
-    int32_t n_o     = 0; // O rows read (keys n_lo .. n_lo+n_o-1, padded: the mask hides the rest)
+    int32_t n_lo    = 0; // LO rows read (keys 0 .. n_lo-1)
+    int32_t n_s     = 0; // S rows read (keys n_lo .. n_lo+n_s-1), of the LO type
+    int32_t n_o     = 0; // O rows read (keys n_lo+n_s .. n_lo+n_s+n_o-1, padded: the mask hides the rest)
     int32_t start   = 0; // first column of this layer in the shared mask
     int32_t n_sel   = 0; // the last n_sel queries' attention is added to the accumulators
     int32_t n_chunk = 1; // key chunks of the split-K pass
@@ -29,11 +31,17 @@ struct llama_arkv_attn_params {
 // whether the fused path is compiled in (it needs the CPU backend's vector kernels)
 bool llama_arkv_attn_cpu_available();
 
-// attention of q [D, n_head, n_tokens] (F32) over the rows k_lo/v_lo (type_q, [D*H, >= n_lo]; may be
-// null when n_lo == 0) and k_o/v_o (F16, [D*H, >= n_o]) under mask (F16 or F32, shared by all
-// layers: [n_mask, n_tokens]); acc_lo/acc_o: F32 [H, cap, 2] score accumulators (sum p, sum p^2
-// over the scored queries and the GQA group), or null when n_sel == 0.
-// Returns F32 [D*n_head, n_tokens], as build_attn_mha.
-ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_lo, ggml_tensor * v_lo,
-                                  ggml_tensor * k_o, ggml_tensor * v_o, ggml_tensor * mask,
-                                  ggml_tensor * acc_lo, ggml_tensor * acc_o, llama_arkv_attn_params * p);
+// one segment of a layer's rows: K and V pools and their score accumulator (F32 [H, cap, 2]: sum p, sum p^2
+// over the scored queries and the GQA group; null when nothing is scored)
+struct llama_arkv_attn_rows {
+    ggml_tensor * k   = nullptr;
+    ggml_tensor * v   = nullptr;
+    ggml_tensor * acc = nullptr;
+};
+
+// attention of q [D, n_head, n_tokens] (F32) over the rows lo (type_q, [D*H, >= n_lo]; null pools when
+// n_lo == 0), s (the same type, [D*H, >= n_s]; likewise) and o (F16, [D*H, >= n_o]) under mask (F16 or
+// F32, shared by all layers: [n_mask, n_tokens]). Returns F32 [D*n_head, n_tokens], as build_attn_mha.
+ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, const llama_arkv_attn_rows & lo,
+                                  const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o, ggml_tensor * mask,
+                                  llama_arkv_attn_params * p);

@@ -216,23 +216,44 @@ llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_g
     // a prompt's ubatches all take the prefill paths, whatever their size: its logits are the same however it
     // was split into ubatches (and bit-exact with the stock cache while nothing is quantized)
     const bool decode = n_tokens <= ARKV_DECODE_MAX_TOKENS && !lay.prompt;
-    // decoding from host pools: the fused kernel, also over O rows alone (it reads each f16 key once per GQA
-    // group and scores as it goes; llama.cpp's attention reads it once per query head, then scores again)
-    const bool fused = decode && !lay.stats && v.n_s == 0 && !gctx.hparams.attn_soft_cap &&
-                       params.attn == LLAMA_ARKV_ATTN_AUTO && llama_arkv_attn_cpu_available() &&
-                       ggml_backend_buffer_is_host(l.k_arena->buffer);
+    // the fused kernel reads pools in host memory where they lie. Decoding, also over O rows alone: it reads each
+    // f16 key once per GQA group and scores as it goes (llama.cpp's attention reads it once per query head, then
+    // scores again). A recall pass: the spilled rows are read in place, no f16 copy of them in the compute buffer
+    const bool fused = !lay.stats && !gctx.hparams.attn_soft_cap && params.attn == LLAMA_ARKV_ATTN_AUTO &&
+                       llama_arkv_attn_cpu_available() && ggml_backend_buffer_is_host(l.k_arena->buffer) &&
+                       (v.n_s > 0 ? lay.recall : decode);
+    if (fused) {
+        return ATTN_FUSED_CPU;
+    }
     if (v.n_lo == 0 && v.n_s == 0) {
         // only O rows, otherwise (prefill, device pools, attn "dequant"): llama.cpp's attention, bit-exact with
         // the stock cache
-        return fused ? ATTN_FUSED_CPU : ATTN_STOCK;
+        return ATTN_STOCK;
     }
     if (!decode || lay.stats || v.n_s > 0 || gctx.hparams.attn_soft_cap ||
         params.attn == LLAMA_ARKV_ATTN_DEQUANT) {
         // prefill amortizes dequantizing over many queries; statistics need the full softmax; a recall pass
-        // reads the spilled rows once, from host memory
+        // from device pools reads the spilled rows once, from host memory
         return ATTN_DEQUANT;
     }
-    return fused ? ATTN_FUSED_CPU : ATTN_SEGMENTS;
+    return ATTN_SEGMENTS;
+}
+
+void llama_kv_cache_arkv::release_spill_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    GGML_UNUSED(dst);
+    GGML_UNUSED(nth);
+    const auto * r = (const spill_release *) userdata;
+    const layer & l = r->kv->layers[r->ikv];
+    if (ith == 0) {
+        r->kv->release_spill_pages(l.k_s->data, ggml_nbytes(l.k_s));
+        r->kv->release_spill_pages(l.v_s->data, ggml_nbytes(l.v_s));
+    }
+}
+
+ggml_tensor * llama_kv_cache_arkv::build_release_spill(ggml_context * ctx0, ggml_tensor * after, uint32_t ikv) const {
+    ggml_tensor * args[1] = { after };
+    return ggml_custom_4d(ctx0, GGML_TYPE_F32, 1, 1, 1, 1, args, 1, release_spill_op, 1,
+                          (void *) &spill_releases[ikv]);
 }
 
 // store the ubatch's K/V into the O pool; returns the set_rows results (the pools, with a graph edge)
@@ -397,12 +418,20 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
         ap.scale   = kq_scale;
         ap.n_head  = q_cur->ne[1];
         ap.n_lo    = v.n_lo;
+        ap.n_s     = v.n_s;
         ap.n_o     = v.n_o_pad;
         ap.start   = v.start;
         ap.n_sel   = n_sel;
-        ap.n_chunk = std::clamp<int32_t>(n_kv/64, 1, 64);
-        return llama_arkv_attn_cpu(ctx0, q_cur, l.k_lo, l.v_lo, k_o, v_o, inp->self_kq_mask,
-                                   n_sel ? l.acc_lo : nullptr, n_sel ? l.acc_o : nullptr, &ap);
+        // chunks of >= 64 keys, at most 64 (fewer for the many queries of a recall pass: the partial results
+        // are n_chunk*n_tokens rows)
+        ap.n_chunk = std::clamp<int64_t>(n_kv/64, 1, std::clamp<int64_t>(512/n_tokens, 8, 64));
+        ggml_tensor * out = llama_arkv_attn_cpu(ctx0, q_cur, { l.k_lo, l.v_lo, n_sel ? l.acc_lo : nullptr },
+                                                { l.k_s, l.v_s, n_sel ? l.acc_s : nullptr },
+                                                { k_o, v_o, n_sel ? l.acc_o : nullptr }, inp->self_kq_mask, &ap);
+        if (v.n_s > 0 && spill_map) {
+            ggml_build_forward_expand(gf, build_release_spill(ctx0, out, ikv));
+        }
+        return out;
     }
 
     // this layer's window of the shared mask (the mask ops need it contiguous)

@@ -193,6 +193,7 @@ void llama_kv_cache_arkv::build_plan_moves(ggml_context * ctx, ggml_cgraph * gf,
     }
 
     auto rows = [&](ggml_tensor * pool) { return ggml_reshape_2d(ctx, pool, D, ggml_nelements(pool)/D); };
+    ggml_tensor * last_s = nullptr; // the last gather from or scatter into S
     for (int kv = 0; kv < 2; ++kv) {
         // F32 [D, n_staged]: the first move's rows padded to the full size, then each further range written by a
         // chain of set_rows (one row copy each; a chain of concats copied every row gathered so far at each step, on
@@ -201,6 +202,7 @@ void llama_kv_cache_arkv::build_plan_moves(ggml_context * ctx, ggml_cgraph * gf,
         ggml_tensor * staging = nullptr;
         for (size_t i = 0; i < moves.size(); ++i) {
             ggml_tensor * g = ggml_get_rows(ctx, rows(pool_of(lo, moves[i].from, kv)), moves[i].src_idx);
+            last_s = moves[i].from == LLAMA_ARKV_POOL_S ? g : last_s;
             const int64_t n = moves[i].src_idx->ne[0];
             if (i == 0) {
                 staging = moves.size() == 1 ? g : ggml_pad(ctx, g, 0, (int) (n_staged - n), 0, 0);
@@ -211,8 +213,17 @@ void llama_kv_cache_arkv::build_plan_moves(ggml_context * ctx, ggml_cgraph * gf,
         for (size_t i = 0; i < moves.size(); ++i) {
             const int64_t n = moves[i].src_idx->ne[0];
             ggml_tensor * part = ggml_view_2d(ctx, staging, D, n, staging->nb[1], offs[i]*staging->nb[1]);
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx, rows(pool_of(ln, moves[i].to, kv)), part, moves[i].dst_idx));
+            ggml_tensor * scatter = ggml_set_rows(ctx, rows(pool_of(ln, moves[i].to, kv)), part, moves[i].dst_idx);
+            last_s = moves[i].to == LLAMA_ARKV_POOL_S ? scatter : last_s;
+            ggml_build_forward_expand(gf, scatter);
         }
+    }
+    // kv_spill="disk": this layer's pages of the spill file leave the process once its rows moved, so that a plan
+    // keeps one layer's resident, not all: after the layer's last node over S (in host memory: the release op runs
+    // there too). In graph order after the K rows' nodes as well; run earlier, it would cost residency, not data
+    // (a shared mapping's pages map again from the file)
+    if (spill_map && last_s) {
+        ggml_build_forward_expand(gf, build_release_spill(ctx, last_s, m.ikv));
     }
 }
 
@@ -254,6 +265,7 @@ llama_kv_cache_arkv::graph_status llama_kv_cache_arkv::compute_update_graph(llam
     in.set();
     const bool ok = fail_at != "compute" && lctx->graph_compute(gf, false) == GGML_STATUS_SUCCESS;
     ggml_backend_sched_synchronize(sched);
+    release_spill_pages(); // the spilled rows a plan or shift wrote need not stay resident
     if (!ok) {
         clear(true);
         llama_arkv_set_error(std::string("the graph that applies ") + what + " failed: the cache was cleared");

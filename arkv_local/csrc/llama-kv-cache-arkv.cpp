@@ -219,6 +219,9 @@ void llama_kv_cache_arkv::alloc_spill(const llama_cparams & cparams) {
         }
         spill_map = map;
         spill_map_bytes = total;
+        for (uint32_t i = 0; i < layers.size(); ++i) {
+            spill_releases.push_back({ this, i });
+        }
         buf_spill.reset(ggml_backend_cpu_buffer_from_ptr(map, total));
         ggml_tallocr talloc = ggml_tallocr_new(buf_spill.get());
         for (ggml_tensor * t = ggml_get_first_tensor(ctx_spill.get()); t; t = ggml_get_next_tensor(ctx_spill.get(), t)) {
@@ -248,6 +251,36 @@ void llama_kv_cache_arkv::alloc_spill(const llama_cparams & cparams) {
     LLAMA_LOG_INFO("%s: %10s ARKV spill buffer size = %8.2f MiB (%u slots per layer%s)\n", __func__,
                    ggml_backend_buffer_name(buf_spill.get()), ggml_backend_buffer_get_size(buf_spill.get())/1024.0/1024.0,
                    params.cap_s, params.spill_dir ? ", a memory-mapped file" : "");
+}
+
+// The file's pages stay in the page cache (the kernel writes them back and may drop them); only the mapping
+// lets go of them, so that the rows a plan wrote or a recall read do not stay resident in this process.
+// MADV_DONTNEED keeps a shared mapping's data: the next access maps the page again.
+void llama_kv_cache_arkv::release_spill_pages(const void * p, size_t n) const {
+#ifndef _WIN32
+    if (!spill_map) {
+        return;
+    }
+    if (!p) {
+        p = spill_map;
+        n = spill_map_bytes;
+    }
+    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+    const uintptr_t a = (uintptr_t) p & ~(page - 1);
+    const uintptr_t b = ((uintptr_t) p + n + page - 1) & ~(page - 1);
+    GGML_ASSERT(a >= (uintptr_t) spill_map && (uintptr_t) p + n <= (uintptr_t) spill_map + spill_map_bytes);
+    madvise((void *) a, b - a, MADV_DONTNEED); // advice: a failure leaves the pages resident, nothing else
+#else
+    GGML_UNUSED(p);
+    GGML_UNUSED(n);
+#endif
+}
+
+void llama_kv_cache_arkv::set_recall(bool on) {
+    recall = on;
+    if (!on) {
+        release_spill_pages(); // what the recall pass read, whichever attention path read it
+    }
 }
 
 llama_kv_cache_arkv::~llama_kv_cache_arkv() {
@@ -617,6 +650,7 @@ void llama_kv_cache_arkv::reset_scores() {
             ggml_backend_tensor_memset(l.acc_s, 0, plane*l.acc_s->nb[2], (size_t) l.n_s*l.acc_s->nb[1]);
         }
     }
+    release_spill_pages(); // the spilled rows' scores lie in the spill file too
     n_scored = 0;
 }
 
@@ -638,6 +672,7 @@ void llama_kv_cache_arkv::get_scores(float * sum_o, float * sum_sq_o, float * su
             off[pool] += (size_t) cap[pool]*n_head_kv_;
         }
     }
+    release_spill_pages(); // the spilled rows' scores lie in the spill file
 }
 
 void llama_kv_cache_arkv::request_stats() {
@@ -709,6 +744,8 @@ void llama_kv_cache_arkv::state_write(llama_io_write_i & io, llama_seq_id seq_id
     const llama_pos p[] = { pos_max, pos_planned_max };
     io.write(p, sizeof(p));
     io.write(&n_scored, sizeof(n_scored));
+    // (llama.cpp copies the tensors when its io object goes, after this returns: the spill file's pages it maps
+    // stay resident until the next plan or scores read lets them go)
     for (const auto & l : layers) {
         state_write_layer(io, l);
     }

@@ -13,7 +13,7 @@
 // llama-arkv-plan.cpp (plans: validate, move rows, commit), llama-arkv-shift.cpp (seq_rm of a middle
 // range and seq_add: rows removed from every pool, positions shifted, K re-roped), llama-arkv-graph.cpp
 // (the attention input, the store, choose_attn_path and the attention paths, scores, statistics),
-// llama-arkv-attn-cpu.* (the fused CPU decode kernel) and llama-arkv.* (the C API). New tokens are appended to O; which tokens move
+// llama-arkv-attn-cpu.* (the fused CPU attention kernel) and llama-arkv.* (the C API). New tokens are appended to O; which tokens move
 // O->LO or get evicted is decided outside (a plan from Python).
 
 #pragma once
@@ -147,7 +147,7 @@ public:
     void get_scores(float * sum_o, float * sum_sq_o, float * sum_q, float * sum_sq_q, float * sum_s, float * sum_sq_s) const;
 
     // the next ubatches also attend over the spilled rows (see llama_arkv_set_recall)
-    void set_recall(bool on) { recall = on; }
+    void set_recall(bool on);
     // the next ubatches read a prompt (see llama_arkv_set_prompt)
     void set_prompt(bool on) { prompt = on; }
     uint32_t get_n_scored() const { return n_scored; }
@@ -198,7 +198,7 @@ public:
     enum attn_path {
         ATTN_STOCK,     // only O rows: llama.cpp's attention over them
         ATTN_DEQUANT,   // LO rows dequantized to f16 and concatenated with O: llama.cpp's attention
-        ATTN_FUSED_CPU, // one pass over Q and O rows in host memory (llama-arkv-attn-cpu.h)
+        ATTN_FUSED_CPU, // one pass over LO, S and O rows in host memory (llama-arkv-attn-cpu.h)
         ATTN_SEGMENTS,  // flash attention over LO rows as they lie and over O rows, merged exactly
     };
     attn_path choose_attn_path(const llm_graph_context & gctx, const layer & l, const view & v, int64_t n_tokens,
@@ -303,6 +303,19 @@ private:
 
     void alloc_layers(const llama_cparams & cparams, uint32_t cap_o_max);
     void alloc_spill(const llama_cparams & cparams);
+    // kv_spill="disk": the pages of [p, p + n) (all of the spill file when null) leave the process's resident memory
+    void release_spill_pages(const void * p = nullptr, size_t n = 0) const;
+
+    // what a build_release_spill op releases: one layer's spilled rows (the op's userdata)
+    struct spill_release {
+        const llama_kv_cache_arkv * kv;
+        uint32_t ikv;
+    };
+    std::vector<spill_release> spill_releases; // [n_layer]
+    static void release_spill_op(ggml_tensor * dst, int ith, int nth, void * userdata);
+    // a graph node after `after` that releases layer ikv's spilled rows (a recall pass read them): one layer's
+    // pages of the spill file resident at a time
+    ggml_tensor * build_release_spill(ggml_context * ctx0, ggml_tensor * after, uint32_t ikv) const;
     ggml_tensor * pool_of(const layer & l, int pool, bool v) const;
     void place_pools(ggml_context * ctx, layer & l, uint32_t cap_o);
     void state_write_layer(llama_io_write_i & io, const layer & l) const;
