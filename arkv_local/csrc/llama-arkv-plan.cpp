@@ -13,6 +13,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 static const char * arkv_pool_name(int pool) {
     return pool == LLAMA_ARKV_POOL_O ? "O" : pool == LLAMA_ARKV_POOL_Q ? "Q" : "S";
 }
@@ -331,5 +335,10 @@ bool llama_kv_cache_arkv::apply_plan(llama_context * lctx) {
     }
     pos_planned_max = pos_max;
     reset_scores();
+#if defined(__GLIBC__)
+    // glibc keeps the pages that plans (ours and the policy's arrays in Python) free on its free lists, resident:
+    // a long chat's RSS crept ~0.15 MiB per 1k tokens (bench soak). Hand them back, ~2 ms once per plan
+    malloc_trim(0);
+#endif
     return true;
 }
