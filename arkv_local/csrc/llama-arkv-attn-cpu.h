@@ -6,9 +6,10 @@
 // Two ggml custom ops: a split-K pass (chunks of keys -> max, sum and weighted V per query and head,
 // plus the scored queries' exp(logit - chunk max), so that scoring needs no second exp) and a combine
 // pass (output, then score accumulation split over keys). Used for small ubatches (decoding) and for
-// recall passes when the pools live in host memory. LO rows are read as they are: K . q on q4_0 rows in integers against the
-// query quantized once to q8_0 (the key's nibbles unpacked once per GQA group), V rows dequantized
-// with SIMD into a small buffer and added in groups of keys. Where the time goes: docs/PROFILE.md.
+// recall passes when the pools live in host memory. LO and S rows are read as they are: K . q on q4_0
+// rows in integers against the query quantized once to q8_0 (the key's nibbles unpacked once per GQA
+// group), V rows dequantized with SIMD into a small buffer and added in groups of keys. Where the time
+// goes: docs/PROFILE.md.
 
 #pragma once
 

@@ -239,6 +239,7 @@ llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_g
     return ATTN_SEGMENTS;
 }
 
+// kv_spill="disk": after a layer's reads or writes of its spilled rows, their pages of the file leave the process
 void llama_kv_cache_arkv::release_spill_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     GGML_UNUSED(dst);
     GGML_UNUSED(nth);
