@@ -218,11 +218,14 @@ class Chat:
             line = line.strip()
             if not line:
                 continue
-            if line.startswith("/"):
-                if not self.command(line):
-                    break
-            else:
-                self.answer(line, show_status=interactive)
+            try:
+                if line.startswith("/"):
+                    if not self.command(line):
+                        break
+                else:
+                    self.answer(line, show_status=interactive)
+            except KeyboardInterrupt:  # before an answer streamed, or in a command: stop it
+                print(" [stopped]", file=self.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,8 @@ def test_a_conversation_in_a_terminal(chat: pexpect.spawn, tmp_path: Path) -> No
 
     # Ctrl-C stops an answer, not the chat
     chat.sendline("Write a very long story about a dragon and a knight.")
-    chat.expect(r"\w+")
+    chat.expect("knight.\r\n")  # the terminal's echo of the line
+    chat.expect(r"\w+")  # the answer is streaming
     chat.sendintr()
     chat.expect("\r\n> ")
     assert chat.isalive()
@@ -139,6 +140,27 @@ def test_save_then_load_round_trips(quiet_chat: Chat, tmp_path: Path) -> None:
     assert chat.messages == messages and llm.kv_stats() == stats
     assert llm._tailor.session.snapshot() == session
     assert llm.input_ids[: llm.n_tokens].tolist() == ids
+
+
+def test_ctrl_c_before_the_answer_streams_stops_that_answer_not_the_chat(
+        quiet_chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C lands anywhere after a line was read (CI saw it at answer()'s first line)."""
+    chat, real = quiet_chat, Chat.stream
+    calls: list[str] = []
+
+    def interrupted_once(self: Chat, user: str):
+        calls.append(user)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the signal arrived before streaming began
+        return real(self, user)
+
+    monkeypatch.setattr(Chat, "stream", interrupted_once)
+    chat.run(io.StringIO("First question?\n/help\nSecond question?\n"), interactive=False)
+    out = chat.out.getvalue()
+    assert calls == ["First question?", "Second question?"]
+    assert "[stopped]" in out and "/reset" in out  # the chat went on to the next lines
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    assert chat.messages[0]["content"] == "Second question?" and chat.messages[1]["content"]
 
 
 class Boom:

@@ -32,3 +32,13 @@ def check_only_the_package(files: list[str]) -> None:
 
 def test_the_installed_wheel_holds_only_the_package() -> None:
     check_only_the_package(wheel_files())
+
+
+def test_the_build_leaves_out_ggml_amx_kernels() -> None:
+    """ggml's AMX matmul faults on VMs that show AMX in CPUID but do not grant the tile state
+    (a Firecracker VM here, every model load): CMakeLists.txt builds it only with ARKV_AMX=ON."""
+    import arkv_local  # noqa: F401, I001  (first: llama_cpp then loads our libllama)
+    from llama_cpp import llama_cpp as lib
+
+    info = lib.llama_print_system_info().decode()
+    assert info.startswith("CPU : ") and "AMX_INT8 = 1" not in info
