@@ -117,8 +117,8 @@ class Tailor:
         them first (every other row stays where it is), so that every KV head loses as many
         rows: a layer's heads hold equal counts."""
         caps_o = [info.cap_o for info in self.kv.layers()]
-        self.kv.submit(self.policy.drop_plan(self.view(pos_max), caps_o,
-                                             (n_keep, n_keep + n_discard)))
+        self._apply(self.policy.drop_plan(self.view(pos_max), caps_o,
+                                          (n_keep, n_keep + n_discard)))
         self.kv.shift(n_keep, n_discard)
         self.policy.shift(n_keep, n_discard)
         self.session.n_shifts += 1
@@ -136,9 +136,7 @@ class Tailor:
             self.kv.apply()
             if not self._heads_lose_alike(n):
                 caps_o = [info.cap_o for info in self.kv.layers()]
-                self.kv.submit(self.policy.drop_plan(self.view(pos_max), caps_o,
-                                                     (n, pos_max + 1)))
-                self.kv.apply()
+                self._apply(self.policy.drop_plan(self.view(pos_max), caps_o, (n, pos_max + 1)))
         if not self.kv.cut(n, exact):
             return False
         self.policy.shift(n, pos_max + 1 - n)  # what it remembers of the tail's positions goes
@@ -160,12 +158,21 @@ class Tailor:
         self.end_of_prompt()
         s = self.session
         view = self.view(pos_max, recall)
-        plan = s.policy.plan(view, self.budget, room)
-        self.kv.submit(plan)
-        self.kv.apply()
+        self._apply(s.policy.plan(view, self.budget, room))
         s.ratios = np.clip(np.asarray(s.policy.ratios(view), np.float64), 0.0, 1.0)
         s.n_tailorings += 1
         s.tailoring_seconds += time.perf_counter() - t0
+
+    def _apply(self, plan: list[LayerPlan]) -> None:
+        """Submit a plan and apply it at once; the policy keeps what scoring it taught only if
+        it was applied (a failed one leaves the cache, and so the policy, as they were)."""
+        try:
+            self.kv.submit(plan)
+            self.kv.apply()
+        except Exception:
+            self.policy.planned(applied=False)
+            raise
+        self.policy.planned(applied=True)
 
     def view(self, pos_max: int, recall: bool = False) -> KVView:
         infos = self.kv.layers()

@@ -208,6 +208,14 @@ def test_heavy_hitter_ema_blends_scores_by_position() -> None:
     want = hh(second)
     want[:3] = 0.25 * hh(first)[1:] + 0.75 * want[:3]  # positions 1-3 were scored before
     np.testing.assert_allclose(s2[:, 0], want)
+    # a plan that could not be applied leaves the memory as it was (growth included)
+    policy.planned(applied=True)  # the plans above were applied
+    later = layer([[1], [2], [9]], [[0.7], [0.0], [0.2]])
+    policy.scores(KVView([later], 2, 1, None, 9), 0)
+    policy.planned(applied=False)
+    np.testing.assert_allclose(policy.scores(KVView([second], 2, 1, None, 5), 0)[:, 0],
+                               0.25 * s2[:, 0] + 0.75 * hh(second))
+    policy.planned(applied=True)
     policy.reset()  # a new sequence forgets
     s3 = policy.scores(KVView([second], 2, 1, None, 5), 0)
     np.testing.assert_allclose(s3[:, 0], hh(second))

@@ -81,6 +81,10 @@ class Policy:
         """A context shift: positions [n_keep, n_keep + n_discard) left the cache and later ones
         moved back by n_discard; a policy that remembers by position follows them."""
 
+    def planned(self, applied: bool) -> None:
+        """The plans computed since the last call were applied to the cache (True), or failed
+        and left it as it was (False): what scoring them taught the policy stays or goes."""
+
     # what a policy remembers between tailorings (override both, with reset(), to keep more)
 
     def snapshot(self) -> dict[str, Any]:

@@ -29,6 +29,10 @@ class HeavyHitter(Policy):
     needs_scores: ClassVar[bool] = True
 
     _past: list[np.ndarray] = field(default_factory=list, init=False, repr=False, compare=False)
+    # what _remember changed since the last planned(): (layer, its array before, rows, heads,
+    # their values before), to take back a plan that was not applied
+    _undo: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,7 +40,13 @@ class HeavyHitter(Policy):
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
     def reset(self) -> None:
-        self._past = []
+        self._past, self._undo = [], []
+
+    def planned(self, applied: bool) -> None:
+        for layer, before, pos, heads, prev in ([] if applied else reversed(self._undo)):
+            self._past[layer][pos, heads] = prev  # the array grown since, or this one
+            self._past[layer] = before
+        self._undo = []
 
     def snapshot(self) -> dict[str, Any]:
         return {"past": [array_to_data(p) for p in self._past]}
@@ -45,10 +55,11 @@ class HeavyHitter(Policy):
         past = [array_from_data(p) for p in data.get("past", [])]
         if any(p.ndim != 2 for p in past):
             raise ValueError("a heavy-hitter memory is one (position, KV head) array per layer")
-        self._past = past
+        self._past, self._undo = past, []
 
     def shift(self, n_keep: int, n_discard: int) -> None:
         self._past = [np.concatenate([p[:n_keep], p[n_keep + n_discard:]]) for p in self._past]
+        self._undo = []
 
     def scores(self, view: KVView, layer: int) -> np.ndarray:
         lv = view.layers[layer]
@@ -64,13 +75,14 @@ class HeavyHitter(Policy):
         """Blend with the scores of the last tailoring, by position (NaN: not scored yet)."""
         while len(self._past) <= layer:
             self._past.append(np.full((0, hh.shape[1]), np.nan))
-        past = self._past[layer]
+        past = before = self._past[layer]
         need = int(pos.max(initial=-1)) + 1
         if need > len(past):
             past = np.concatenate([past, np.full((max(need, 2 * len(past)) - len(past),
                                                   hh.shape[1]), np.nan)])
         heads = np.broadcast_to(np.arange(hh.shape[1]), pos.shape)
         prev = past[pos, heads]
+        self._undo.append((layer, before, pos, heads, prev))
         out = np.where(np.isnan(prev), hh, self.ema * prev + (1.0 - self.ema) * hh)
         past[pos, heads] = out
         self._past[layer] = past
