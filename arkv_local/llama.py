@@ -102,6 +102,11 @@ class Llama(llama_cpp.Llama):
                 super().__init__(os.fspath(path), **kwargs)
             return
 
+        if kwargs.get("embedding", False):
+            raise ValueError(
+                "embedding=True reads several inputs at once, a sequence each, and a KV policy's "
+                "memory serves one sequence: use kv_policy='full' for embeddings (each input is "
+                "read once within n_batch tokens: there is no cache to bound)")
         shape = model_shape(path)
         n_ctx = kwargs.get("n_ctx", 512) or shape.n_ctx_train  # llama_cpp: 0 is the trained limit
         layer_bytes = _layer_budget(shape.f16_slot_bytes, shape.n_layer, kv_budget,

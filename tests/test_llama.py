@@ -63,6 +63,14 @@ def test_unknown_policy_is_named(smollm2: Path) -> None:
         arkv_local.Llama(smollm2, kv_policy="lru")
 
 
+def test_embedding_mode_under_a_policy_names_the_cause(smollm2: Path) -> None:
+    with pytest.raises(ValueError, match="embedding=True reads several inputs at once.*"
+                                         "kv_policy='full' for embeddings"):
+        arkv_local.Llama(smollm2, kv_policy="arkv", embedding=True, verbose=False)
+    llm = arkv_local.Llama(smollm2, embedding=True, verbose=False)  # "full": llama_cpp's
+    assert len(llm.embed("hello")) == llm.n_embd() or len(llm.embed("hello")[0]) == llm.n_embd()
+
+
 def test_from_pretrained_without_network_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
