@@ -107,6 +107,13 @@ class Llama(llama_cpp.Llama):
                 "embedding=True reads several inputs at once, a sequence each, and a KV policy's "
                 "memory serves one sequence: use kv_policy='full' for embeddings (each input is "
                 "read once within n_batch tokens: there is no cache to bound)")
+        for name in ("type_k", "type_v"):  # llama.cpp's cache type: the policy has its own
+            t = kwargs.get(name)
+            if t is not None and t != llama_cpp.GGML_TYPE_F16:
+                raise ValueError(
+                    f"{name}={t} ({ggml_type_name(t)}): under a KV policy the cache keeps f16 "
+                    f"rows and 4-bit rows of kv_quant={kv_quant!r}; leave {name} unset, or use "
+                    "kv_policy='full' for llama.cpp's quantized cache")
         shape = model_shape(path)
         n_ctx = kwargs.get("n_ctx", 512) or shape.n_ctx_train  # llama_cpp: 0 is the trained limit
         layer_bytes = _layer_budget(shape.f16_slot_bytes, shape.n_layer, kv_budget,
@@ -460,6 +467,14 @@ def _free_sampler(sampler: llama_cpp._internals.LlamaSampler | None) -> None:
     sampler.close()  # frees the C chain and empties the exit stack
     for custom in customs:
         custom.__dict__.clear()  # what the callback's closure (via self) kept alive
+
+
+def ggml_type_name(t: int) -> str:
+    """'q8_0' for llama_cpp.GGML_TYPE_Q8_0: the name llama.cpp's -ctk/-ctv take."""
+    for name, value in vars(llama_cpp).items():
+        if name.startswith("GGML_TYPE_") and name != "GGML_TYPE_COUNT" and value == t:
+            return name.removeprefix("GGML_TYPE_").lower()
+    return "not a ggml type"
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

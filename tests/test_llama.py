@@ -71,6 +71,17 @@ def test_embedding_mode_under_a_policy_names_the_cause(smollm2: Path) -> None:
     assert len(llm.embed("hello")) == llm.n_embd() or len(llm.embed("hello")[0]) == llm.n_embd()
 
 
+def test_a_cache_type_under_a_policy_is_refused_not_ignored(smollm2: Path) -> None:
+    with pytest.raises(ValueError, match=r"type_k=8 \(q8_0\): under a KV policy.*"
+                                         r"kv_quant='q4_0'"):
+        arkv_local.Llama(smollm2, kv_policy="arkv", kv_budget=256, type_k=8, verbose=False)
+    with pytest.raises(ValueError, match=r"type_v=2 \(q4_0\)"):
+        arkv_local.Llama(smollm2, kv_policy="quant", kv_budget=256, type_v=2, verbose=False)
+    f16 = llama_cpp.GGML_TYPE_F16  # what the policy's O rows are anyway
+    arkv_local.Llama(smollm2, kv_policy="arkv", kv_budget=256, type_k=f16, type_v=f16,
+                     verbose=False).close()
+
+
 def test_from_pretrained_without_network_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
