@@ -92,6 +92,7 @@ class Llama(llama_cpp.Llama):
         self.kv_policy = kv_policy if isinstance(kv_policy, str) else policy.name
         self._tailor: Tailor | None = None
         self._reading_prompt = False  # generate is reading its prompt (see _first)
+        self._answering = False  # generate is past its prompt: evals are its tokens and drafts
         self.progress_bar = bool(kwargs.get("verbose", True))  # while reading long prompts
         if policy is None and (kv_budget is not None or kv_budget_bytes is not None):
             raise ValueError("kv_budget needs a kv_policy other than 'full'")
@@ -180,8 +181,10 @@ class Llama(llama_cpp.Llama):
             from tqdm import tqdm
 
             bar = tqdm(total=len(tokens), desc="reading prompt", unit="token", file=sys.stderr)
-        # a prompt's last tokens also read the spilled rows: the question recalls what it needs
-        tail = max(0, min(len(tokens) - 1, self._tailor.recall_tokens))
+        # a prompt's last tokens also read the spilled rows: the question recalls what it needs.
+        # Not a sampled token and its drafts (a draft model's): llama_cpp samples each of them
+        # from the logits of the eval's last batch, so it is one batch
+        tail = 0 if self._answering else max(0, min(len(tokens) - 1, self._tailor.recall_tokens))
         stop, decided, i = len(tokens), tail == 0, 0
         while i < stop:
             n = min(step, stop - i)
@@ -262,7 +265,11 @@ class Llama(llama_cpp.Llama):
                     tokens = [token, *(sent or [])]
                     if self.n_tokens + len(tokens) > self._n_ctx:
                         break
-                    token = inner.send(sent)
+                    self._answering = True
+                    try:
+                        token = inner.send(sent)
+                    finally:
+                        self._answering = False
             except StopIteration:
                 return
             carried = self._sampler

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import llama_cpp
@@ -237,6 +239,41 @@ def test_a_prompt_ends_on_the_same_logits_whatever_the_cache_held(smollm2: Path)
     assert llm.kv_stats().layers[0].n_q == 0  # nothing quantized: the stock logits are exact
     for got in (fresh, after_other, again):
         np.testing.assert_array_equal(got, want)
+
+
+SPECULATIVE = """
+import sys
+import arkv_local
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+prompt = "Count in words, separated by commas: one, two, three, four, five, six, seven,"
+read = arkv_local.Llama.eval
+batches = []  # evals of a sampled token and its drafts after rows were spilled
+def counted(self, tokens):
+    if 1 < len(tokens) <= 5 and self._tailor and self._tailor.spilled():
+        batches.append(len(tokens))
+    return read(self, tokens)
+arkv_local.Llama.eval = counted
+for kw in (dict(kv_policy="full"), dict(kv_policy="arkv", kv_budget=128)):
+    llm = arkv_local.Llama(sys.argv[1], n_ctx=1024, verbose=False,
+                           draft_model=LlamaPromptLookupDecoding(num_pred_tokens=4), **kw)
+    r = llm(prompt, max_tokens=160, temperature=0.0)
+    stats = llm.kv_stats() if llm._tailor else None
+    print(r["usage"]["completion_tokens"], stats is None or stats.bytes_used <= stats.bytes_budget)
+print(len(batches))
+"""
+
+
+def test_speculative_decoding_under_a_policy(smollm2: Path) -> None:
+    """llama_cpp's draft models (prompt lookup): generate reads the sampled token and its drafts
+    in one eval and samples each from that batch's logits; under a policy that eval is no
+    prompt, not split by a recall pass (sampling from a row outside the last batch aborted the
+    process: GGML_ASSERT(logits != nullptr))."""
+    run = subprocess.run([sys.executable, "-c", SPECULATIVE, str(smollm2)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    full, tight, batches = run.stdout.split("\n")[:3]
+    assert full == tight == "160 True"
+    assert int(batches) > 0  # drafts were read over a cache with spilled rows
 
 
 def test_one_token_is_decoded_as_a_decode_unless_generate_reads_it_as_its_prompt(
