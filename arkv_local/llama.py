@@ -384,9 +384,12 @@ class Llama(llama_cpp.Llama):
     def load_state(self, state: llama_cpp.LlamaState) -> None:
         """As llama_cpp.Llama.load_state; with a policy its Python side comes back too, so that
         it decides with the loaded conversation's numbers (ValueError if the state has none)."""
-        if self._tailor is None:
-            return super().load_state(state)
         saved = getattr(state, "session", None)
+        if self._tailor is None:
+            if saved is not None:  # llama.cpp's cache cannot read a tri-state one
+                raise ValueError(f"the state was saved under kv_policy {saved['policy']!r}, not "
+                                 "kv_policy 'full': load it into a Llama with that policy")
+            return super().load_state(state)
         if saved is None:
             raise ValueError(f"this state has no Python side for kv_policy {self.kv_policy!r}: "
                              "save it with arkv_local.Llama.save_state under that policy")

@@ -90,6 +90,11 @@ def test_load_state_refuses_another_policys_state(tiny: str) -> None:
     with pytest.raises(ValueError, match="saved under kv_policy 'arkv'.*'h2o'"):
         h.load_state(state)
     assert h.kv_stats() == before and h.n_tokens == 50
+    full = Llama(tiny, **{k: v for k, v in SMALL.items() if not k.startswith("kv_")})
+    full.eval(text(1, 50))
+    with pytest.raises(ValueError, match="saved under kv_policy 'arkv'.*not kv_policy 'full'"):
+        full.load_state(state)  # llama.cpp's cache cannot read it (llama_cpp: "Failed to set")
+    assert full.n_tokens == 50
 
 
 def test_states_pickle_as_data_for_the_disk_cache(tiny: str) -> None:
