@@ -43,6 +43,11 @@ def test_quick_run(tmp_path: Path) -> None:
     assert rows["full"][col["same top-1"]] == "100.0%"
     arkv = rows["arkv@25%"]
     assert float(arkv[col["KV MiB"]]) <= float(arkv[col["budget MiB"]])
+    # every token of the text is in one state in every layer: O, Q, spilled or evicted
+    layers = p.stdout.split("per layer (tokens per KV head, O/Q/S/E): ")[1].splitlines()[0]
+    counts = [[int(c) for c in layer.split()[1].split("/")] for layer in layers.split(", ")]
+    assert len(counts) == 30 and all(sum(c) == 400 for c in counts), counts
+    assert any(c[2] > 0 for c in counts)  # the default spill holds rows
     for name in ("BENCHMARKS.md", "kld_vs_memory.png", "arkv_layers.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "kld_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
@@ -145,3 +150,14 @@ def test_two_keys_are_counted_over_the_prompts_full_answers() -> None:
     assert two_key_finds(pk, "arkv@25%") == (1, 2)  # the pair full misses is not counted
     assert two_key_finds(pk, "full") == (2, 2)
     assert [depth_label(d) for d in (0.1, [0.25, 0.75])] == ["10%", "two@25+75%"]
+
+
+def test_the_layer_plot_stacks_every_state() -> None:
+    from arkv_local.bench.plots import layer_stack
+    from arkv_local.tailoring import LayerKVStats
+
+    layers = [LayerKVStats(n_o=5, n_q=10, n_e=3, oq_ratio=0.5, bytes_used=0, n_s=7)]
+    stack = layer_stack(layers)
+    assert [label for label, _, _ in stack] == ["O (f16)", "Q (4-bit)", "S (spilled)",
+                                                "E (evicted)"]
+    assert [counts for _, _, counts in stack] == [[5], [10], [7], [3]]

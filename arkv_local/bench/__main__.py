@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quick", action="store_true", help="a small suite for CI (< 90 s)")
     r.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
     r.add_argument("--out", default="docs", help="folder for BENCHMARKS.md and the plots")
-    r.add_argument("--n-text", type=int, help="tokens of text for fidelity (4096; quick 600)")
+    r.add_argument("--n-text", type=int, help="tokens of text for fidelity (4096; quick 400)")
     r.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7800])
     r.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     r.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])

@@ -77,7 +77,8 @@ def fidelity(cfg: dict[str, Any]) -> dict[str, Any]:
                                * model_shape(model).n_layer if "fraction" in cfg else None,
                                peak_rss=rss, seconds=seconds)
     if stats is not None:
-        out["layers"] = [dict(o=s.n_o, q=s.n_q, e=s.n_e, oq=s.oq_ratio) for s in stats.layers]
+        out["layers"] = [dict(o=s.n_o, q=s.n_q, s=s.n_s, e=s.n_e, oq=s.oq_ratio)
+                         for s in stats.layers]
         out["tailoring_seconds"] = stats.tailoring_seconds
     logits = np.asarray(llm.scores[:n], dtype=np.float16)  # both sides rounded alike
     llm.close()

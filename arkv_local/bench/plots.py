@@ -39,20 +39,25 @@ def plot_kld(fid: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def layer_stack(layers: list[LayerKVStats]) -> list[tuple[str, str, list[int]]]:
+    """plot_layers' stacked bars: per state, its label, colour and tokens per KV head."""
+    return [("O (f16)", "tab:green", [lay.n_o for lay in layers]),
+            ("Q (4-bit)", "tab:orange", [lay.n_q for lay in layers]),
+            ("S (spilled)", "tab:purple", [lay.n_s for lay in layers]),
+            ("E (evicted)", "lightgrey", [lay.n_e for lay in layers])]
+
+
 def plot_layers(layers: list[LayerKVStats], title: str, path: str | Path) -> Path:
-    """Per-layer OQ ratio and stacked O/Q/E token counts (also arkv-chat's /plot)."""
+    """Per-layer OQ ratio and stacked O/Q/S/E token counts (also arkv-chat's /plot)."""
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     xs = list(range(len(layers)))
     a1.bar(xs, [lay.oq_ratio for lay in layers], color="tab:blue")
     a1.set_ylabel("OQ ratio (f16 share)")
     a1.set_title(title)
-    o = [lay.n_o for lay in layers]
-    q = [lay.n_q for lay in layers]
-    e = [lay.n_e for lay in layers]
-    a2.bar(xs, o, label="O (f16)", color="tab:green")
-    a2.bar(xs, q, bottom=o, label="Q (4-bit)", color="tab:orange")
-    a2.bar(xs, e, bottom=[a + b for a, b in zip(o, q, strict=True)], label="E (evicted)",
-           color="lightgrey")
+    bottom = [0] * len(layers)
+    for label, colour, counts in layer_stack(layers):
+        a2.bar(xs, counts, bottom=bottom, label=label, color=colour)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     a2.set_ylabel("tokens per KV head")
     a2.set_xlabel("layer")
     a2.legend(fontsize=8)

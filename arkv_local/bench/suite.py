@@ -314,11 +314,11 @@ def plots(rep: Report, fid: dict[str, dict[str, Any]], n_text: int, out: Path) -
     plot_kld(fid, out / "kld_vs_memory.png")
     from ..tailoring import LayerKVStats
 
-    layers = [LayerKVStats(lay["o"], lay["q"], lay["e"], lay["oq"], 0)
+    layers = [LayerKVStats(lay["o"], lay["q"], lay["e"], lay["oq"], 0, n_s=lay["s"])
               for lay in fid[arkv_name]["layers"]]
     plot_layers(layers, f"ARKV at 25% of f16 memory, {n_text} tokens", out / "arkv_layers.png")
     rep.add("![mean KLD against KV memory](kld_vs_memory.png)", "",
-            "![ARKV at 25%: per-layer OQ ratio and O/Q/E counts](arkv_layers.png)", "",
-            "ARKV at 25%, per layer (tokens per KV head): "
-            + ", ".join(f"L{i} {lay['o']}/{lay['q']}/{lay['e']}"
+            "![ARKV at 25%: per-layer OQ ratio and O/Q/S/E counts](arkv_layers.png)", "",
+            "ARKV at 25%, per layer (tokens per KV head, O/Q/S/E): "
+            + ", ".join(f"L{i} {lay['o']}/{lay['q']}/{lay['s']}/{lay['e']}"
                         for i, lay in enumerate(fid[arkv_name]["layers"])), "")
