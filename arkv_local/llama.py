@@ -185,17 +185,18 @@ class Llama(llama_cpp.Llama):
         # Not a sampled token and its drafts (a draft model's): llama_cpp samples each of them
         # from the logits of the eval's last batch, so it is one batch
         tail = 0 if self._answering else max(0, min(len(tokens) - 1, self._tailor.recall_tokens))
-        stop, decided, i = len(tokens), tail == 0, 0
+        stop, i = len(tokens), 0
         while i < stop:
-            n = min(step, stop - i)
-            if not decided and i + n > len(tokens) - tail:
-                decided = True  # when the chunks reach the tail
-                if self._tailor.spilled():
-                    stop = len(tokens) - tail
+            n = self._make_room(min(step, stop - i))
+            if tail and i + n > len(tokens) - tail:  # the chunk reaches the prompt's last tokens
+                if self._tailor.kv.free_slots() < n:
+                    self._tailor.before_decode(n, self.n_tokens - 1)  # its plan, which may spill
+                if self._tailor.spilled():  # they read every row, spilled ones too: a recall
+                    stop = max(i, len(tokens) - tail)
+                    tail = len(tokens) - stop
                     continue
-            n = self._make_room(n)
             # a read may end after this chunk: the prompt's end, or the tail's start (a recall)
-            end = i + n == stop or (not decided and i + n == len(tokens) - tail)
+            end = i + n in (stop, len(tokens) - tail)
             self._tailor.before_decode(n, self.n_tokens - 1, 0 if end else min(step, stop - i - n))
             super().eval(tokens[i : i + n])
             i += n
@@ -205,7 +206,7 @@ class Llama(llama_cpp.Llama):
             while self._make_room(tail) < tail:  # the tail is read in one pass
                 pass
             self._tailor.recall(tail, self.n_tokens - 1,
-                                lambda: super(Llama, self).eval(tokens[-tail:]))
+                                lambda: super(Llama, self).eval(tokens[stop:]))
         if bar is not None:
             bar.close()
         self._tailor.end_of_prompt()

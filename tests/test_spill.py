@@ -268,6 +268,20 @@ def test_pass_keys_at_a_quarter_of_the_bytes(smollm2: Path, spill: str | None,
     llm.close()
 
 
+@pytest.mark.parametrize("policy", ["window", "arkv"])
+def test_a_prompt_that_first_spills_in_its_last_chunk_is_recalled(smollm2: Path,
+                                                                  policy: str) -> None:
+    # about 1,000 tokens in 900 f16 tokens' bytes: only the chunk that holds the question
+    # makes room, and the rows it spills (the key's, for the window) come back by its recall
+    llm = Llama(smollm2, kv_policy=policy, kv_budget=900, n_ctx=1536, n_threads=2,
+                verbose=False)
+    answer = ask(llm, 86556, 0.1)
+    stats = llm.kv_stats()
+    assert stats.n_tailorings >= 1 and stats.n_recalls == 1
+    assert "86556" in answer and stats.bytes_used <= stats.bytes_budget
+    llm.close()
+
+
 def spill_resident_bytes() -> int:
     """Resident bytes of this process's spill file mappings (kv_spill="disk"): /proc/self/smaps."""
     total, in_spill = 0, False
