@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import state
-from .llama import KV_POLICIES, Llama
+from .llama import KV_POLICIES, ContextWindowExceeded, Llama
 from .tailoring import KVStats
+from .turns import Turns
 
 HELP = """commands:
   /stats        per-layer KV memory: f16 (O), 4-bit (Q) and evicted (E) tokens
@@ -100,35 +101,54 @@ def stats_table(stats: KVStats) -> str:
 
 @dataclass
 class Chat:
-    """One conversation with a model: history, streaming answers, commands."""
+    """One conversation with a model: history, streaming answers, commands. Each turn reads
+    only what is new to the cache (see turns.py); a model without a chat template goes
+    through llama_cpp's chat handler, which sends the whole history each turn."""
 
     llm: Llama
     args: argparse.Namespace
     out: TextIO = sys.stdout
     messages: list[dict[str, str]] = field(default_factory=list)
+    turns: Turns | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        try:
+            self.turns = Turns(self.llm)
+        except ValueError:
+            self.turns = None
         self.reset()
 
     def reset(self) -> None:
         system = self.args.system
         self.messages = [{"role": "system", "content": system}] if system else []
         self.llm.reset()
+        if self.turns is not None:
+            self.turns.forget()
 
     def stream(self, user: str) -> Iterator[str]:
-        """Yield the answer to `user` piece by piece; however it ends, what was said is kept."""
-        self.messages.append({"role": "user", "content": user})
+        """Yield the answer to `user` piece by piece; however it ends, what was said is kept
+        (a turn the context window cannot take raises ContextWindowExceeded and is not)."""
+        messages = [*self.messages, {"role": "user", "content": user}]
+        pieces = self.pieces(messages)
+        self.messages = messages
         answer: list[str] = []
         try:
-            for chunk in self.llm.create_chat_completion(
-                    self.messages, max_tokens=self.args.max_tokens,
-                    temperature=self.args.temperature, stream=True):
-                piece = chunk["choices"][0]["delta"].get("content")
-                if piece:
-                    answer.append(piece)
-                    yield piece
+            for piece in pieces:
+                answer.append(piece)
+                yield piece
         finally:
+            pieces.close()
             self.messages.append({"role": "assistant", "content": "".join(answer)})
+
+    def pieces(self, messages: list[dict[str, str]]) -> Generator[str, None, None]:
+        """The streamed answer to messages[-1]."""
+        args = self.args
+        if self.turns is not None:
+            return self.turns.answer(self.turns.prompt(messages), args.max_tokens,
+                                     temp=args.temperature)
+        chunks = self.llm.create_chat_completion(messages, max_tokens=args.max_tokens,
+                                                 temperature=args.temperature, stream=True)
+        return (chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
 
     def answer(self, user: str, show_status: bool) -> None:
         """Print the streamed answer (Ctrl-C stops it), then the status line."""
@@ -142,6 +162,10 @@ class Chat:
         except KeyboardInterrupt:
             pieces.close()
             print(" [stopped]", end="", file=self.out)
+        except ContextWindowExceeded as e:
+            print(f"({e}: /reset starts a new conversation, a KV policy goes on past it)",
+                  file=self.out)
+            return
         print(file=self.out)
         if show_status:
             print(status_line(self.llm.kv_stats(), n, time.perf_counter() - t0), file=self.out)
@@ -182,6 +206,8 @@ class Chat:
         return True
 
     def load(self, path: str) -> None:
+        if self.turns is not None:  # the cache may change: the next turn is matched whole
+            self.turns.forget()
         try:
             messages, saved = state.load(path)  # data only: never unpickled
             self.llm.load_state(saved)

@@ -103,39 +103,6 @@ def test_speed_keeps_the_best_prefill_and_the_plans_of_the_best_decode() -> None
         assert best == dict(prefill=120.0, decode=30.0, decode_plans=2, decode_plan_seconds=0.2)
 
 
-def test_soak_with_the_history_in_the_cache_reads_only_each_new_turn(
-        smollm2: Path, decoded: list[int]) -> None:
-    """`bench soak --history cache`: each turn sends the cache's tokens and the new turn's, so
-    llama.cpp decodes the answer's last token, the template's turn text and the answer, nothing
-    of the history; past shifts the cache's text is still the chat template's conversation."""
-    from arkv_local import Llama
-    from arkv_local.bench.soak import Turns
-
-    llm = Llama(smollm2, kv_policy="arkv", kv_budget=128, n_ctx=256, n_threads=2, verbose=False)
-    system = {"role": "system", "content": "You are a helpful assistant."}
-    turns = Turns(llm, system)
-    users = [{"role": "user", "content": f"Tell me one more thing about {t}."}
-             for t in ("rivers", "bread", "owls", "maps")]
-    for i, user in enumerate(users):
-        decoded.clear()
-        assert turns.answer(user, 48, seed=i, bias={llm.token_eos(): float("-inf")}) == 48
-        turn_text = user["content"] + "<|im_end|>\n<|im_start|>assistant\n"
-        n_turn = len(llm.tokenize(turn_text.encode(), add_bos=False, special=True))
-        if i > 0:  # the last answer token, "<|im_end|>\n<|im_start|>user\n", the turn, the answer
-            n_head = len(llm.tokenize(b"<|im_end|>\n<|im_start|>user\n", add_bos=False,
-                                      special=True))
-            assert sum(decoded) == 1 + n_head + n_turn + 47, decoded
-    assert llm.kv_stats().n_shifts >= 1
-    s = llm._tailor.session
-    held = llm.input_ids[: llm.n_tokens].tolist()
-    history = held[: llm._tailor.policy.sinks] + list(s.dropped) + held[llm._tailor.policy.sinks:]
-    text = llm.detokenize(history, special=True).decode(errors="replace")
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
-    at = [text.index(f"<|im_start|>user\n{u['content']}<|im_end|>\n<|im_start|>assistant\n")
-          for u in users]
-    assert at == sorted(at)
-
-
 def test_two_keys_are_counted_over_the_prompts_full_answers() -> None:
     from arkv_local.bench.suite import depth_label, two_key_finds
 

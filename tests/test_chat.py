@@ -10,8 +10,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pexpect
 import pytest
+from llama_cpp import LogitsProcessorList
 
 from arkv_local.chat import Chat, load_model, parse_args
 from arkv_local.models import model_shape
@@ -198,3 +200,90 @@ def test_ctx_flag_is_the_window_and_a_policy_runs_to_the_trained_limit_without_i
     assert llm.n_ctx() == 2048 and llm.kv_stats().bytes_budget == 2048 * per_token
     llm = load_model(parse_args(["--model", str(smollm2), "--policy", "full"]))
     assert llm.n_ctx() == 4096
+
+
+def test_each_turn_reads_only_what_is_new_to_the_cache(
+        smollm2: Path, decoded: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """arkv-chat's turns: llama.cpp decodes the last answer's pending token, the template's
+    text between turns and the answer, nothing of the history, past context shifts too, and
+    only the new turn's text is tokenized; the cache's text is the chat template's
+    conversation, answers as sampled."""
+    args = parse_args(["--model", str(smollm2), "--policy", "arkv", "--kv-budget", "128",
+                       "--ctx", "256", "--max-tokens", "48", "--system",
+                       "You are a helpful assistant."])
+    chat = Chat(load_model(args), args, out=io.StringIO())
+    llm, turns = chat.llm, chat.turns
+    eos = llm.token_eos()
+    users = [f"Tell me one more thing about {t}." for t in ("rivers", "bread", "owls", "maps")]
+    n_head = len(llm.tokenize(b"<|im_end|>\n<|im_start|>user\n", add_bos=False, special=True))
+    tokenized: list[int] = []
+    tokenize = llm.tokenize
+    monkeypatch.setattr(llm, "tokenize", lambda text, *a, **k: tokenized.append(len(text))
+                        or tokenize(text, *a, **k))
+    for i, user in enumerate(users):
+        decoded.clear()
+        tokenized.clear()
+        messages = [*chat.messages, {"role": "user", "content": user}]
+        prompt = turns.prompt(messages)
+        biased = LogitsProcessorList([lambda _, logits: _no_eos(logits, eos)])
+        answer = "".join(turns.answer(prompt, 48, seed=i, logits_processor=biased))
+        chat.messages = [*messages, {"role": "assistant", "content": answer}]
+        assert turns.n_answer == 48 and turns.continues
+        if i > 0:  # the text between the last answer and this one, nothing of the history
+            assert tokenized == [len(f"<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                                     "<|im_start|>assistant\n")]
+        n_turn = len(llm.tokenize(f"{user}<|im_end|>\n<|im_start|>assistant\n".encode(),
+                                  add_bos=False, special=True))
+        if i > 0:  # the last answer token, "<|im_end|>\n<|im_start|>user\n", the turn, answer
+            assert sum(decoded) == 1 + n_head + n_turn + 47, decoded
+    assert llm.kv_stats().n_shifts >= 1
+    sinks, dropped = llm._tailor.policy.sinks, list(llm._tailor.session.dropped)
+    held = llm.input_ids[: llm.n_tokens].tolist()
+    text = llm.detokenize(held[:sinks] + dropped + held[sinks:], special=True).decode()
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    turn = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{}"
+    at = [text.index(turn.format(u, m["content"][:20]))
+          for u, m in zip(users, chat.messages[2::2], strict=True)]
+    assert at == sorted(at)
+
+
+def _no_eos(logits: np.ndarray, eos: int) -> np.ndarray:
+    logits[eos] = -np.inf
+    return logits
+
+
+@pytest.mark.parametrize("policy", ["full", "arkv"])
+def test_a_turn_answers_as_create_chat_completion_does(smollm2: Path, policy: str) -> None:
+    """The first turn's prompt and sampling are llama_cpp's chat handler's: the same greedy
+    answer; after /reset, and after a Ctrl-C mid-answer, the next turn is read right."""
+    args = parse_args(["--model", str(smollm2), "--policy", policy, "--ctx", "1024",
+                       "--max-tokens", "24", "--temperature", "0"])
+    chat = Chat(load_model(args), args, out=io.StringIO())
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = chat.llm.create_chat_completion(question, max_tokens=24, temperature=0)
+    chat.reset()
+    chat.answer(question[0]["content"], False)
+    assert chat.messages[-1]["content"] == expected["choices"][0]["message"]["content"]
+
+    pieces = chat.stream("And of Italy?")  # stopped after two pieces, as by Ctrl-C
+    said = next(pieces) + next(pieces)
+    pieces.close()
+    assert chat.messages[-1] == {"role": "assistant", "content": said}
+    chat.answer("Thanks.", False)
+    text = chat.llm.detokenize(chat.llm.input_ids[: chat.llm.n_tokens].tolist(), special=True)
+    assert (f"And of Italy?<|im_end|>\n<|im_start|>assistant\n{said}<|im_end|>\n"
+            f"<|im_start|>user\nThanks.<|im_end|>\n<|im_start|>assistant\n") in text.decode()
+
+
+def test_a_turn_past_the_window_of_full_is_refused_and_the_chat_goes_on(smollm2: Path) -> None:
+    args = parse_args(["--model", str(smollm2), "--policy", "full", "--ctx", "256",
+                       "--max-tokens", "8", "--temperature", "0"])
+    chat = Chat(load_model(args), args, out=io.StringIO())
+    chat.answer("Hello!", False)
+    before = list(chat.messages)
+    chat.answer("Summarize: " + "The quick brown fox jumps over the lazy dog. " * 40, False)
+    assert "exceed context window of 256: /reset starts a new conversation" in \
+        chat.out.getvalue()
+    assert chat.messages == before
+    chat.answer("Hello again!", False)
+    assert len(chat.messages) == len(before) + 2 and chat.messages[-1]["content"]

@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="never sample end-of-text: every answer runs to --max-tokens")
     k.add_argument("--kv-spill", choices=["host", "disk", "none"], default="host",
                    help="where rows leaving the budget go (none: evicted)")
-    k.add_argument("--history", choices=["resend", "cache"], default="resend",
-                   help="resend: every turn sends the whole conversation (create_chat_completion, "
-                        "as OpenAI-style clients); cache: only the new turn, the conversation "
-                        "lives in the KV cache")
+    k.add_argument("--history", choices=["chat", "resend"], default="chat",
+                   help="chat: each turn reads only the new turn, as arkv-chat; resend: every "
+                        "turn sends the whole conversation (create_chat_completion, as "
+                        "OpenAI-style clients and arkv-server)")
     o = sub.add_parser("_one", help=argparse.SUPPRESS)
     o.add_argument("spec")
     args = p.parse_args(argv)

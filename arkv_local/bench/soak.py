@@ -10,14 +10,13 @@ import sys
 import time
 from typing import Any
 
-import llama_cpp
 import numpy as np
 from llama_cpp import LogitsProcessorList
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .. import arkv_cpp
 from ..llama import Llama
 from ..models import default_model_path
+from ..turns import Turns
 
 TOPICS = ["rivers", "compilers", "bread", "the moon", "chess", "bees", "trains", "glass",
           "volcanoes", "libraries", "tea", "bridges", "clocks", "salt", "owls", "maps"]
@@ -57,59 +56,6 @@ def memory_parts() -> dict[str, float]:
     return parts
 
 
-class Turns:
-    """A chat whose history lives in the KV cache only: each turn sends the cache's tokens (as
-    they are) and the new turn's, formatted by the model's chat template, so that nothing the
-    size of the conversation is kept or tokenized again."""
-
-    MARK = "\x00answer\x00"  # stands for the answer when the template is rendered
-
-    def __init__(self, llm: Llama, system: dict[str, str]) -> None:
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ValueError("--history cache needs a model with a chat template")
-        vocab = llm._model.vocab
-        bos, eos = (llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab))
-        self.llm, self.system = llm, system
-        self.render = [Jinja2ChatFormatter(template, llm.detokenize([eos]).decode(),
-                                           llm.detokenize([bos]).decode(), add_generation_prompt=g)
-                       for g in (False, True)]
-        self.last: int | None = None  # the answer's last token: sampled, not read yet
-
-    def answer(self, user: dict[str, str], max_tokens: int, seed: int,
-               bias: dict[int, float] | None) -> int:
-        """Read the new turn, sample an answer of at most max_tokens; its length."""
-        llm = self.llm
-        if self.last is None:
-            text = self.render[1](messages=[self.system, user]).prompt
-            tokens = llm.tokenize(text.encode(), add_bos=True, special=True)
-        else:
-            # the template's text after an answer, up to the next answer: rendered around MARK
-            past = [self.system, {"role": "user", "content": "-"},
-                    {"role": "assistant", "content": self.MARK}]
-            text = self.render[1](messages=[*past, user]).prompt
-            text = text[text.index(self.MARK) + len(self.MARK):]
-            tokens = llm.input_ids[: llm.n_tokens].tolist() + [self.last] + \
-                llm.tokenize(text.encode(), add_bos=False, special=True)
-        llm.set_seed(seed)
-        processors = None
-        if bias:
-            ids, values = np.array(list(bias)), np.array(list(bias.values()), np.float32)
-
-            def biased(_: Any, logits: np.ndarray) -> np.ndarray:
-                logits[ids] += values
-                return logits
-
-            processors = LogitsProcessorList([biased])
-        n = 0
-        for token in llm.generate(tokens, temp=0.8, logits_processor=processors):
-            n += 1
-            self.last = token
-            if llm.token_eos() == token or n == max_tokens:
-                break
-        return n
-
-
 def soak(args: argparse.Namespace) -> None:
     """Chat until args.tokens answer tokens are generated; print a line every args.every turns
     and a summary comparing the first thousand tokens with the rest."""
@@ -127,16 +73,28 @@ def soak(args: argparse.Namespace) -> None:
           f"{'KV MiB':>7} {'spill MiB':>9} {'RSS MiB':>8} {'peak MiB':>8} {'anon MiB':>8} "
           f"{'file MiB':>8} {'heap MiB':>8} {'py kblk':>7} {'comp MiB':>8}")
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
-    turns = Turns(llm, messages[0]) if args.history == "cache" else None
+    turns = Turns(llm) if args.history == "chat" else None
+    processors = None
+    if bias:  # as logit_bias does in create_chat_completion
+        ids, values = np.array(list(bias)), np.array(list(bias.values()), np.float32)
+
+        def biased(_: Any, logits: np.ndarray) -> np.ndarray:
+            logits[ids] += values
+            return logits
+
+        processors = LogitsProcessorList([biased])
     generated, turn, rows = 0, 0, []
     while generated < args.tokens:
         topic = TOPICS[turn % len(TOPICS)]
         user = {"role": "user", "content": f"Tell me one more thing about {topic}."}
+        messages.append(user)
         t0 = time.perf_counter()
-        if turns is not None:
-            generated += turns.answer(user, args.max_tokens, seed=turn, bias=bias)
+        if turns is not None:  # as arkv-chat: only the new turn is tokenized and read
+            answer = list(turns.answer(turns.prompt(messages), args.max_tokens, seed=turn,
+                                       temp=0.8, logits_processor=processors))
+            messages.append({"role": "assistant", "content": "".join(answer)})
+            generated += turns.n_answer
         else:
-            messages.append(user)
             out = llm.create_chat_completion(messages, max_tokens=args.max_tokens,
                                              temperature=0.8, seed=turn, logit_bias=bias)
             messages.append(out["choices"][0]["message"])
