@@ -161,9 +161,14 @@ class TriStateKV:
         self.head_dim = arkv_cpp.llama_arkv_head_dim(ctx)
         self.slot_bytes_o = arkv_cpp.llama_arkv_slot_bytes(ctx, False)
         self.slot_bytes_q = arkv_cpp.llama_arkv_slot_bytes(ctx, True)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)  # positions stay below it (context shifts)
+        # ctypes array types, made once: ctypes keeps them only while an instance lives, and
+        # each new one is a reference cycle left to Python's collector
+        self._infos = arkv_cpp.llama_arkv_layer_info * self.n_layer
+        self._plans = arkv_cpp.llama_arkv_layer_plan * self.n_layer
 
     def layers(self) -> list[LayerInfo]:
-        out = (arkv_cpp.llama_arkv_layer_info * self.n_layer)()
+        out = self._infos()
         arkv_cpp.llama_arkv_get_layers(self.ctx, out)
         return [LayerInfo(i.cap_o, i.cap_q, i.n_o, i.n_q, i.bytes_alloc, i.bytes_used,
                           i.cap_s, i.n_s, i.bytes_spill) for i in out]
@@ -267,7 +272,7 @@ class TriStateKV:
         if len(plan) != self.n_layer:
             raise ValueError(f"a plan needs one entry per layer ({self.n_layer}), got {len(plan)}")
         keep = []
-        structs = (arkv_cpp.llama_arkv_layer_plan * self.n_layer)()
+        structs = self._plans()
         H = self.n_head_kv
         for s, p in zip(structs, plan, strict=True):
             o_from = np.full_like(p.o_src, POOL_O) if p.o_from is None else p.o_from
@@ -290,4 +295,7 @@ class TriStateKV:
 
 
 def _ptr(a: np.ndarray, ctype: type) -> ctypes._Pointer:
-    return a.ctypes.data_as(ctypes.POINTER(ctype))
+    """A pointer to a's data for one C call (the caller keeps `a` alive). Cast from the address:
+    numpy's data_as() makes each pointer a reference cycle (ctypes.cast, bpo-12836) that holds
+    the array until Python's rare full collection."""
+    return ctypes.cast(a.ctypes.data, ctypes.POINTER(ctype))

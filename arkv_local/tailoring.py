@@ -185,7 +185,8 @@ class Tailor:
                       pos_s[i][: info.n_s], sc.sum_s[i][: info.n_s], sc.sum_sq_s[i][: info.n_s])
             for i, info in enumerate(infos)
         ]
-        return KVView(layers, sc.n_queries, self.group, self.session.stats, pos_max, recall)
+        return KVView(layers, sc.n_queries, self.group, self.session.stats, pos_max, recall,
+                      self.kv.n_ctx)
 
     def kv_stats(self, n_positions: int) -> KVStats:
         """Counts for a cache whose positions run to n_positions (plus what shifts dropped)."""

@@ -85,7 +85,8 @@ class Turns:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         try:
             for _ in range(max_tokens):
-                token = next(tokens, None)  # an error in here leaves the cache's end unknown
+                self.continues = False  # until the next token: an error (Ctrl-C) in the
+                token = next(tokens, None)  # eval of the last one leaves the cache's end unknown
                 if token is None:
                     break
                 self.pending, self.continues = token, True

@@ -287,3 +287,35 @@ def test_a_turn_past_the_window_of_full_is_refused_and_the_chat_goes_on(smollm2:
     assert chat.messages == before
     chat.answer("Hello again!", False)
     assert len(chat.messages) == len(before) + 2 and chat.messages[-1]["content"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_new_turn_is_the_text_the_template_gives_the_whole_conversation(arch: str) -> None:
+    """Llama 3's and ChatML's templates: the cache's tokens and a turn rendered alone read as
+    the template's rendering of the whole conversation (answers cut by max_tokens, so each
+    ends on a token sampled and not yet read)."""
+    from arkv_local import Llama
+    from arkv_local.tiny_models import tiny_model_path
+    from arkv_local.turns import Turns
+
+    llm = Llama(str(tiny_model_path(arch, head_dim=32)), kv_policy="arkv", kv_budget=128,
+                n_ctx=512, verbose=False, seed=0)
+    turns = Turns(llm)
+    printable = np.array([0 < len(b := llm.detokenize([t])) and all(32 <= c < 127 for c in b)
+                          for t in range(llm.n_vocab())])  # random weights: text answers
+
+    def text_only(_: object, logits: np.ndarray) -> np.ndarray:
+        logits[~printable] = -np.inf
+        return logits
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for turn in range(3):
+        answer = "".join(turns.answer(turns.prompt(messages), 12, temp=0,
+                                      logits_processor=[text_only]))
+        assert turns.n_answer == 12 and answer
+        messages += [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": f"Next {turn}"}]
+        prompt = turns.prompt(messages)
+        assert prompt[: llm.n_tokens] == llm.input_ids[: llm.n_tokens].tolist()
+        assert llm.detokenize(prompt, special=True).decode() == \
+            turns.format(messages=messages).prompt

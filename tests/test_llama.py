@@ -298,3 +298,26 @@ def test_one_token_is_decoded_as_a_decode_unless_generate_reads_it_as_its_prompt
     calls.clear()
     next(llm.generate(prompt, temp=0.0))  # a prefix hit: its last token read again, alone
     assert calls == [True]
+
+
+def test_tailoring_leaves_no_reference_cycles(smollm2: Path) -> None:
+    """Every plan hands its arrays to C++ by pointer: numpy's data_as() makes each pointer a
+    reference cycle (CPython's ctypes.cast, bpo-12836) that keeps its array alive until Python's
+    rare full collection (the soak's heap grew by them). Reading a prompt past the budget, with
+    its plans and recall, leaves nothing for the cycle collector."""
+    import gc
+
+    llm = arkv_local.Llama(str(smollm2), kv_policy="arkv", kv_budget=128, n_ctx=1024,
+                           verbose=False)
+    tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 60)
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        llm.eval(tokens)
+        assert llm.kv_stats().n_tailorings > 1 and llm.kv_stats().n_recalls == 1
+        assert gc.collect() == 0
+    finally:
+        if was:
+            gc.enable()
+    llm.close()

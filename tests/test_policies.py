@@ -288,3 +288,21 @@ def test_h2o_and_arkv_share_the_heavy_hitter_score() -> None:
     lv = LayerView(lv.pos_o, lv.pos_q, lv.mass_o, lv.mass_o**2 * 3, lv.mass_q, lv.mass_q)
     view = KVView([lv], 4, 2, None, 11)  # 8 samples: the variance term counts
     np.testing.assert_array_equal(H2O().scores(view, 0), ARKV().scores(view, 0))
+
+
+def test_heavy_hitter_memory_is_made_for_the_window_and_shifts_in_place() -> None:
+    """ema's memory of earlier scores, by position: made once for the whole window (a chat's
+    memory does not grow as positions come), moved back in place by a context shift."""
+    policy = H2O(gamma=0.8, ema=0.5)
+    first = layer([[0], [1], [2], [3], [4], [5]], [[0.4], [0.2], [0.1], [0.3], [0.2], [0.1]])
+    s1 = policy.scores(KVView([first], 2, 1, None, 5, n_positions=16), 0)
+    policy.planned(applied=True)
+    memory = policy._past[0]
+    assert memory.shape == (16, 1)
+    policy.shift(1, 2)  # positions 1-2 leave, 3-5 become 1-3
+    assert policy._past[0] is memory
+    np.testing.assert_allclose(memory[:4, 0], s1[[0, 3, 4, 5], 0], rtol=1e-6)
+    assert np.isnan(memory[4:]).all()
+    later = layer([[0], [1], [2], [3], [15]], [[0.0], [0.0], [0.0], [0.0], [0.5]])
+    policy.scores(KVView([later], 2, 1, None, 15, n_positions=16), 0)
+    assert policy._past[0] is memory  # position 15 < the window: no new array

@@ -58,7 +58,10 @@ class HeavyHitter(Policy):
         self._past, self._undo = past, []
 
     def shift(self, n_keep: int, n_discard: int) -> None:
-        self._past = [np.concatenate([p[:n_keep], p[n_keep + n_discard:]]) for p in self._past]
+        for p in self._past:  # in place: the memory keeps its size
+            end = max(len(p) - n_discard, n_keep)
+            p[n_keep:end] = p[n_keep + n_discard:]
+            p[end:] = np.nan
         self._undo = []
 
     def scores(self, view: KVView, layer: int) -> np.ndarray:
@@ -68,18 +71,21 @@ class HeavyHitter(Policy):
         for h in range(hh.shape[1]):
             hh[:, h] = smooth_by_position(hh[:, h], pos[:, h])
         if self.ema > 0.0:
-            hh = self._remember(layer, pos, hh)
+            hh = self._remember(layer, pos, hh, view.n_positions)
         return hh
 
-    def _remember(self, layer: int, pos: np.ndarray, hh: np.ndarray) -> np.ndarray:
-        """Blend with the scores of the last tailoring, by position (NaN: not scored yet)."""
+    def _remember(self, layer: int, pos: np.ndarray, hh: np.ndarray,
+                  n_positions: int) -> np.ndarray:
+        """Blend with the scores of the last tailoring, by position (NaN: not scored yet). The
+        memory is made for the whole window at once, so that it does not grow as a chat goes."""
         while len(self._past) <= layer:
-            self._past.append(np.full((0, hh.shape[1]), np.nan))
+            self._past.append(np.full((0, hh.shape[1]), np.nan, np.float32))
         past = before = self._past[layer]
         need = int(pos.max(initial=-1)) + 1
         if need > len(past):
-            past = np.concatenate([past, np.full((max(need, 2 * len(past)) - len(past),
-                                                  hh.shape[1]), np.nan)])
+            size = max(need, n_positions) if n_positions else max(need, 2 * len(past))
+            past = np.concatenate([past, np.full((size - len(past), hh.shape[1]), np.nan,
+                                                 np.float32)])
         heads = np.broadcast_to(np.arange(hh.shape[1]), pos.shape)
         prev = past[pos, heads]
         self._undo.append((layer, before, pos, heads, prev))

@@ -68,6 +68,7 @@ class KVView:
     stats: np.ndarray | None  # (n_layer, 3): entropy, variance, kurtosis of the first prefill
     pos_max: int             # newest position
     recall: bool = False     # the scores are a prompt's tail attending to every row (spilled too)
+    n_positions: int = 0     # positions stay below this (the context window); 0: not known
 
 
 @dataclass(frozen=True)
