@@ -148,7 +148,7 @@ class Chat:
                                      temp=args.temperature)
         chunks = self.llm.create_chat_completion(messages, max_tokens=args.max_tokens,
                                                  temperature=args.temperature, stream=True)
-        return (chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+        return (piece for chunk in chunks if (piece := chunk["choices"][0]["delta"].get("content")))
 
     def answer(self, user: str, show_status: bool) -> None:
         """Print the streamed answer (Ctrl-C stops it), then the status line."""

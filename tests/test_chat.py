@@ -319,3 +319,19 @@ def test_a_new_turn_is_the_text_the_template_gives_the_whole_conversation(arch: 
         assert prompt[: llm.n_tokens] == llm.input_ids[: llm.n_tokens].tolist()
         assert llm.detokenize(prompt, special=True).decode() == \
             turns.format(messages=messages).prompt
+
+
+def test_without_a_chat_template_turns_go_through_llama_cpps_handler(smollm2: Path) -> None:
+    """A model with no template in its metadata (Turns refuses it): llama_cpp's chat handler,
+    the whole history sent each turn, streamed the same way."""
+    args = parse_args(["--model", str(smollm2), "--policy", "arkv", "--kv-budget", "256",
+                       "--max-tokens", "16", "--temperature", "0"])
+    chat = Chat(load_model(args), args, out=io.StringIO())
+    chat.turns = None
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = chat.llm.create_chat_completion(question, max_tokens=16, temperature=0)
+    chat.reset()
+    chat.answer(question[0]["content"], False)
+    answer = expected["choices"][0]["message"]["content"]
+    assert chat.messages == [*question, {"role": "assistant", "content": answer}]
+    assert chat.out.getvalue() == answer + "\n"
