@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if bool(args.hf_repo) != bool(args.hf_file):
         p.error("--hf-repo and --hf-file go together")
     if args.model and args.hf_repo:

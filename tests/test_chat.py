@@ -335,3 +335,9 @@ def test_without_a_chat_template_turns_go_through_llama_cpps_handler(smollm2: Pa
     answer = expected["choices"][0]["message"]["content"]
     assert chat.messages == [*question, {"role": "assistant", "content": answer}]
     assert chat.out.getvalue() == answer + "\n"
+
+
+def test_max_tokens_below_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--max-tokens", "0"])
+    assert "--max-tokens must be at least 1, got 0" in capsys.readouterr().err
