@@ -1,6 +1,7 @@
 """`python -m arkv_local.bench`: `speed` (tok/s, tri-state vs stock), `run` (the suite:
-fidelity, passkey, memory, speed, plots and docs/BENCHMARKS.md) and `soak` (a long chat past
-the context window: memory and time per turn)."""
+fidelity, passkey, memory, speed, plots and docs/BENCHMARKS.md), `soak` (a long chat past
+the context window: memory and time per turn) and `plans` (a policy's planning time at a
+model's shape, without the model)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="chat: each turn reads only the new turn, as arkv-chat; resend: every "
                         "turn sends the whole conversation (create_chat_completion, as "
                         "OpenAI-style clients and arkv-server)")
+    from .plans import add_arguments
+
+    add_arguments(sub.add_parser("plans", help="a policy's planning time at a model's shape, "
+                                               "on a simulated cache (numpy only)"))
     o = sub.add_parser("_one", help=argparse.SUPPRESS)
     o.add_argument("spec")
     args = p.parse_args(argv)
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         from .soak import soak
 
         soak(args)
+        return 0
+    if args.cmd == "plans":
+        from .plans import plans
+
+        plans(args)
         return 0
     if args.cmd == "_one":
         from .child import run_one

@@ -3,11 +3,15 @@
 `python -m arkv_local.bench.gpu kit` (on the CPU machine, after `make install`) fills `.gpu/`:
 the patched llama.cpp tree trimmed to what a CUDA build of our libraries needs (a few MB), the
 pure-Python packages the device image lacks (llama_cpp, gguf, diskcache), a dist-info for
-arkv_local, and `run.sh`. Carry `.gpu` and run `bash .gpu/run.sh [SECTION...]` there: it builds
-the libraries for sm_90 into build/cuda (16 cores; kept between calls while the machine is
-warm), then runs the sections (env sched exact plan bench decode reference; default all), each a
-separate command that prints its result and writes $OUT/gpu_<section>.json, so a call cut short
-by the time limit resumes with the sections left.
+arkv_local, and `run.sh`. `kit --prebuild` also builds the CUDA libraries here (nvcc, cuBLAS's
+headers from the nvidia-cublas wheel; about 25 minutes on 2 cores the first time, incremental
+after) into .gpu/lib (about 45 MB), stamped with a digest of the native sources. Carry `.gpu`
+and run `bash .gpu/run.sh [SECTION...]` there: it takes .gpu/lib when its stamp matches the
+checkout's sources, else builds for sm_90 into build/cuda (16 cores, about 4 minutes; kept
+between calls while the machine is warm), then runs the sections (env sched exact plan bench
+decode profile reference; default all but profile), each a separate command that prints its
+result and writes $OUT/gpu_<section>.json, so a call cut short by the time limit resumes with
+the sections left.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 KIT = ROOT / ".gpu"
 PACKAGES = ("llama_cpp", "gguf", "diskcache")
-SECTIONS = ("env", "sched", "exact", "plan", "bench", "decode", "reference")
+SECTIONS = ("env", "sched", "exact", "plan", "bench", "decode", "profile", "reference")
 # of vendor/llama.cpp, what a build of the libraries reads (no other backend, tool or model)
 TREE = ("CMakeLists.txt", "LICENSE", "cmake", "include", "src", "vendor", "licenses",
         ".arkv-stamp.json", "ggml")
@@ -43,6 +47,7 @@ TINY = {
     "qwen3-128": ("qwen3", dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)),
 }
 RUN_SH = Path(__file__).with_name("gpu_run.sh")  # becomes .gpu/run.sh
+CUBLAS_WHEEL = "nvidia-cublas==13.0.*"  # the cuBLAS of CUDA 13.0, as on the device
 
 
 # -- the kit (CPU machine) --------------------------------------------------------------------
@@ -59,8 +64,25 @@ def _trim(t: Any) -> Any:
     return t
 
 
-def make_kit() -> int:
-    """Fill .gpu/ from vendor/llama.cpp and the venv; print its size."""
+def prebuild() -> int:
+    """The CUDA libraries built here into .gpu/lib (run.sh's `prebuild`), cuBLAS's headers and
+    link libraries from the nvidia-cublas wheel where no CUDA toolkit has them."""
+    if not shutil.which("nvcc"):
+        print("kit --prebuild needs nvcc (CUDA 13.0) on the PATH; without it, run.sh builds on "
+              "the device", file=sys.stderr)
+        return 2
+    cublas = ROOT / "build" / "cublas"
+    if not Path("/usr/local/cuda/include/cublas_v2.h").is_file() and not cublas.is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(cublas),
+                        CUBLAS_WHEEL], check=True)
+    env = dict(os.environ, PYTHON=sys.executable,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(["bash", str(RUN_SH), "prebuild"], cwd=ROOT, env=env).returncode
+
+
+def make_kit(prebuilt: bool) -> int:
+    """Fill .gpu/ from vendor/llama.cpp and the venv (and the CUDA libraries built here when
+    asked); print its size."""
     import importlib.util
     import tarfile
     from importlib.metadata import version
@@ -86,6 +108,8 @@ def make_kit() -> int:
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: arkv_local\n"
                                    f"Version: {version('arkv_local')}\n")
     shutil.copy2(RUN_SH, KIT / "run.sh")
+    if prebuilt and prebuild() != 0:
+        return 1
     size = sum(f.stat().st_size for f in KIT.rglob("*") if f.is_file())
     print(f"{KIT}: {size / 2**20:.1f} MiB (a call carries at most 64 MiB with the checkout)")
     return 0
@@ -315,9 +339,17 @@ def section_bench(depths: list[int], n_gen: int) -> list[dict[str, Any]]:
     return rows
 
 
-def section_decode(depth: int, n_gen: int) -> list[dict[str, Any]]:
+DECODE_CACHES = [("full", ""), ("q4_0", ""), ("quant", "segments"), ("quant", "dequant"),
+                 ("arkv", "segments"), ("arkv", "dequant")]
+PROFILE_CACHES = [("full", ""), ("q4_0", ""), ("quant", "segments"), ("arkv", "segments")]
+
+
+def section_decode(depth: int, n_gen: int, caches: list[tuple[str, str]] = DECODE_CACHES,
+                   profile: bool = False) -> list[dict[str, Any]]:
     """Steady-state decode tok/s on the bench model (no plan during the timing): the f16 and
-    q4_0 caches, and quant/arkv at 25% through the segments and the dequant paths."""
+    q4_0 caches, and quant/arkv at 25% through the segments and the dequant paths. With
+    `profile`, the timed tokens run under PyTorch's profiler (CUPTI sees every kernel of the
+    process, ggml's too): where a token's device time goes."""
     import functools
 
     from .. import llama as arkv_llama
@@ -326,8 +358,7 @@ def section_decode(depth: int, n_gen: int) -> list[dict[str, Any]]:
 
     model = bench_model()
     rows = []
-    for policy, attn in [("full", ""), ("q4_0", ""), ("quant", "segments"), ("quant", "dequant"),
-                         ("arkv", "segments"), ("arkv", "dequant")]:
+    for policy, attn in caches:
         common: dict[str, Any] = dict(n_ctx=depth + 512, n_gpu_layers=99, flash_attn=True,
                                       n_batch=2048, verbose=False)
         if policy == "q4_0":
@@ -341,17 +372,56 @@ def section_decode(depth: int, n_gen: int) -> list[dict[str, Any]]:
         for t in toks[depth:depth + 8]:
             llm.eval([t])  # warm-up: the decode graph is built
         n_plans = llm.kv_stats().n_tailorings
+        prof = _profiler() if profile else None
         t0 = time.perf_counter()
+        if prof:
+            prof.__enter__()
         for t in toks[depth + 8:]:
             llm.eval([t])
+        if prof:
+            prof.__exit__(None, None, None)
         dt = time.perf_counter() - t0
         rows.append(dict(cache=f"{policy} {attn}".strip(), depth=depth, decode=round(n_gen / dt, 1),
                          ms_per_token=round(1000 * dt / n_gen, 2),
                          plans_during=llm.kv_stats().n_tailorings - n_plans))
+        if prof:
+            rows[-1].update(per_token(prof, n_gen))
         print(json.dumps(rows[-1]), flush=True)
         llm.close()
     arkv_llama.MemoryParams = MemoryParams
     return rows
+
+
+def _profiler() -> Any:
+    """PyTorch's profiler over the CUDA activity (kernels, memcpys) and the host's CUDA calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+def per_token(prof: Any, n_gen: int, top: int = 12) -> dict[str, Any]:
+    """A profile as per-token numbers: device ms, kernels, launches and graph launches (CUDA
+    graphs in use or not), and the kernels that take the most device time."""
+    kernels, host = [], {}
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0)
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and dev_us > 0:
+            kernels.append((dev_us, e.count, e.key))
+        elif e.key.startswith(("cuda", "cu")):
+            host[e.key] = e.count
+    kernels.sort(reverse=True)
+
+    def calls(*names: str) -> float:  # the runtime's and the driver's names, any version suffix
+        return sum(n for k, n in host.items() if k.startswith(names)) / n_gen
+
+    return dict(device_ms_per_token=round(sum(k[0] for k in kernels) / 1000 / n_gen, 3),
+                kernels_per_token=round(sum(k[1] for k in kernels) / n_gen, 1),
+                launches_per_token=round(calls("cudaLaunchKernel", "cuLaunchKernel"), 1),
+                graph_launches_per_token=round(calls("cudaGraphLaunch", "cuGraphLaunch"), 2),
+                top=[dict(kernel=name[:90], per_token=round(n / n_gen, 1),
+                          us_per_token=round(us / n_gen, 1)) for us, n, name in kernels[:top]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,11 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     p.add_argument("--depths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--n-gen", type=int, default=32)
+    p.add_argument("--prebuild", action="store_true",
+                   help="kit: also build the CUDA libraries here (nvcc), into .gpu/lib")
     args = p.parse_args(argv)
     if args.section == "kit":
-        return make_kit()
+        return make_kit(args.prebuild)
     if args.section == "_one":
         return bench_one(args.spec)
+    if args.section == "profile":
+        import torch  # noqa: F401  (first: its cuBLAS, loaded by path, then serves ggml-cuda too)
     import arkv_local  # noqa: F401  (binds llama_cpp to our library)
 
     out = Path(args.out)
@@ -385,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         result = section_reference()
     elif args.section == "decode":
         result = [r for d in args.depths for r in section_decode(d, args.n_gen)]
+    elif args.section == "profile":
+        result = [r for d in args.depths for r in section_decode(d, args.n_gen, PROFILE_CACHES,
+                                                                 profile=True)]
     else:
         result = section_bench(args.depths, args.n_gen)
     (out / f"gpu_{args.section}.json").write_text(json.dumps(result, indent=1))

@@ -307,22 +307,33 @@ ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const
 ggml_tensor * llama_kv_cache_arkv::build_probs(ggml_context * ctx0, ggml_tensor * q_cur, ggml_tensor * k_lo, ggml_tensor * k_o,
                                                ggml_tensor * mask, float kq_scale, int64_t n_sel) const {
     const int64_t n_tokens = q_cur->ne[2];
-    ggml_tensor * q = ggml_view_3d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], n_sel, q_cur->nb[1], q_cur->nb[2],
+    const int64_t n_head   = q_cur->ne[1];
+    ggml_tensor * q = ggml_view_3d(ctx0, q_cur, q_cur->ne[0], n_head, n_sel, q_cur->nb[1], q_cur->nb[2],
                                    (n_tokens - n_sel)*q_cur->nb[2]);
-    q = ggml_permute(ctx0, q, 0, 2, 1, 3);                                  // [D, n_sel, n_head]
-    ggml_tensor * kq = ggml_mul_mat(ctx0, k_o, q);                          // [n_o, n_sel, n_head]
-    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    if (n_sel == 1) {
+        // one query (decoding): the G query heads of a KV head as G columns of one product, so that each K row is
+        // read once per group, not once per query head as with broadcasting. [n_kv, G, H] is [n_kv, 1, n_head]
+        q = ggml_reshape_3d(ctx0, ggml_is_contiguous(q) ? q : ggml_cont(ctx0, q), q->ne[0], n_head/n_head_kv_, n_head_kv_);
+    } else {
+        q = ggml_permute(ctx0, q, 0, 2, 1, 3);                              // [D, n_sel, n_head]
+    }
+    auto logits = [&](ggml_tensor * k) {                                    // [n_rows, n_sel, n_head]
+        ggml_tensor * kq = ggml_mul_mat(ctx0, k, q);                        // K rows read where they lie
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+        return n_sel == 1 ? ggml_reshape_3d(ctx0, kq, kq->ne[0], 1, n_head) : kq;
+    };
+    ggml_tensor * kq = logits(k_o);
     if (k_lo) {
-        ggml_tensor * kq_lo = ggml_mul_mat(ctx0, k_lo, q);                    // read where they lie, no f16 copy
-        ggml_prec_set_acc(kq_lo, GGML_PREC_F32);
-        kq = ggml_concat(ctx0, kq_lo, kq, 0);
+        kq = ggml_concat(ctx0, logits(k_lo), kq, 0);
     }
     // the last n_sel rows of a contiguous mask are contiguous
     ggml_tensor * m_sel = ggml_view_2d(ctx0, mask, mask->ne[0], n_sel, mask->nb[1], (n_tokens - n_sel)*mask->nb[1]);
     return ggml_soft_max_ext(ctx0, kq, m_sel, kq_scale, 0.0f);
 }
 
-// heavy-hitter statistics: p [n_kv, n_sel, n_head] summed over the queries and the GQA group into the accumulators
+// heavy-hitter statistics: p [n_kv, n_sel, n_head] summed over the queries and the GQA group into the accumulators.
+// The group's heads are added as G strided views of [p | p^2], then one 2D transpose makes each key's sums a row
+// [query][KV head]: the kernels GPUs have for these are coalesced (a 4-D permute, or sums of rows of G values, are not)
 void llama_kv_cache_arkv::build_scores(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, const view & v,
                                        ggml_tensor * p) const {
     const int64_t H = n_head_kv_;
@@ -333,24 +344,33 @@ void llama_kv_cache_arkv::build_scores(ggml_context * ctx0, ggml_cgraph * gf, co
         p = ggml_cont(ctx0, p);
     }
     p = ggml_reshape_4d(ctx0, p, n_kv, n_sel, G, H);
-    p = ggml_cont(ctx0, ggml_permute(ctx0, p, 3, 0, 1, 2));                 // [n_sel, G, H, n_kv]
-    p = ggml_reshape_3d(ctx0, p, n_sel*G, H, n_kv);
-    ggml_tensor * s1 = ggml_reshape_2d(ctx0, ggml_sum_rows(ctx0, p), H, n_kv);
-    ggml_tensor * s2 = ggml_reshape_2d(ctx0, ggml_sum_rows(ctx0, ggml_sqr(ctx0, p)), H, n_kv);
-    auto accumulate = [&](ggml_tensor * acc, ggml_tensor * s, size_t plane, int64_t col0, int64_t n) {
+    ggml_tensor * pp = ggml_concat(ctx0, p, ggml_sqr(ctx0, p), 3);          // [n_kv, n_sel, G, 2H]
+    ggml_tensor * s = nullptr;
+    for (int64_t g = 0; g < G; ++g) {
+        ggml_tensor * pg = ggml_view_3d(ctx0, pp, n_kv, n_sel, 2*H, pp->nb[1], pp->nb[3], g*pp->nb[2]);
+        s = s ? ggml_add(ctx0, s, pg) : pg;
+    }
+    if (!ggml_is_contiguous(s)) {
+        s = ggml_cont(ctx0, s);                                             // G == 1
+    }
+    s = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_2d(ctx0, s, n_kv, n_sel*2*H))); // [n_sel*2H, n_kv]
+    if (n_sel > 1) {
+        s = ggml_sum_rows(ctx0, ggml_reshape_3d(ctx0, s, n_sel, 2*H, n_kv));
+    }
+    s = ggml_reshape_2d(ctx0, s, 2*H, n_kv);                                // per key: H sums, then H sums of squares
+    auto accumulate = [&](ggml_tensor * acc, size_t plane, int64_t col0, int64_t n) {
         if (n == 0) {
             return;
         }
         ggml_tensor * dst = ggml_view_2d(ctx0, acc, H, n, acc->nb[1], plane*acc->nb[2]);
-        ggml_tensor * add = ggml_view_2d(ctx0, s, H, n, s->nb[1], col0*s->nb[1]);
+        ggml_tensor * add = ggml_view_2d(ctx0, s, H, n, s->nb[1], col0*s->nb[1] + plane*H*ggml_element_size(s));
         ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_add(ctx0, dst, add), dst));
     };
-    accumulate(l.acc_lo, s1, 0, 0, v.n_lo);
-    accumulate(l.acc_lo, s2, 1, 0, v.n_lo);
-    accumulate(l.acc_s, s1, 0, v.n_lo, v.n_s);
-    accumulate(l.acc_s, s2, 1, v.n_lo, v.n_s);
-    accumulate(l.acc_o, s1, 0, v.n_lo + v.n_s, v.n_o_pad);
-    accumulate(l.acc_o, s2, 1, v.n_lo + v.n_s, v.n_o_pad);
+    for (size_t plane = 0; plane < 2; ++plane) {
+        accumulate(l.acc_lo, plane, 0, v.n_lo);
+        accumulate(l.acc_s, plane, v.n_lo, v.n_s);
+        accumulate(l.acc_o, plane, v.n_lo + v.n_s, v.n_o_pad);
+    }
 }
 
 // two flash attentions, over the LO rows as they lie (ggml-cuda's and Metal's vector kernels read q4_0) and

@@ -72,10 +72,7 @@ class Policy:
         decoding)."""
         lv = view.layers[layer]
         hh = heavy_hitter(lv.mass, lv.mass_sq, view.n_queries * view.group, RECALL_GAMMA)
-        pos = lv.pos
-        for h in range(hh.shape[1]):
-            hh[:, h] = spread_by_position(hh[:, h], pos[:, h], RECALL_SPAN)
-        return hh
+        return spread_by_position(hh, lv.pos, RECALL_SPAN)
 
     def shift(self, n_keep: int, n_discard: int) -> None:
         """A context shift: positions [n_keep, n_keep + n_discard) left the cache and later ones

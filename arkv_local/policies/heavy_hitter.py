@@ -68,8 +68,7 @@ class HeavyHitter(Policy):
         lv = view.layers[layer]
         hh = heavy_hitter(lv.mass, lv.mass_sq, view.n_queries * view.group, self.gamma)
         pos = lv.pos
-        for h in range(hh.shape[1]):
-            hh[:, h] = smooth_by_position(hh[:, h], pos[:, h])
+        hh = smooth_by_position(hh, pos)
         if self.ema > 0.0:
             hh = self._remember(layer, pos, hh, view.n_positions)
         return hh

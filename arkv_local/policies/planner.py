@@ -21,14 +21,13 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
     Q takes what the O pool leaves. Spilled rows come back into Q, or into O for a policy
     without Q; they stay in their S slots otherwise, so that a plan moves only what changes."""
     n_o, n_q, n_s = lv.n_rows
-    n_head = lv.pos_o.shape[1]
-    pos = lv.pos
+    pos = np.ascontiguousarray(lv.pos.T)  # (head, row): every head at once, its rows contiguous
     recent = (pos > pos_max - window) | (pos < sinks)
     # the window and sinks stay in O. After a cut of the tail (Tailor.cut) the new window's older
     # rows may be in Q, spilled or evicted in some heads: such a head fills the protected slots
     # it cannot use with its best other rows, its window rows ranked first
-    protected = recent[:n_o]
-    n_fixed = int(protected.sum(0).max(initial=0))
+    protected = recent[:, :n_o]
+    n_fixed = int(protected.sum(1).max(initial=0))
     free = budget.layer_bytes - (n_fixed + room) * budget.slot_o
     if free < 0:
         raise ValueError(
@@ -44,41 +43,65 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
 
     pool = np.repeat([POOL_O, POOL_Q, POOL_S], [n_o, n_q, n_s])
     slot = np.concatenate([np.arange(n_o), np.arange(n_q), np.arange(n_s)])
-    rank = np.where(recent, np.inf, score)
-    o_src = np.empty((n_fixed + n_o_keep, n_head), np.int32)
-    o_from = np.empty_like(o_src, np.uint8)
-    q_src = np.empty((n_q_keep, n_head), np.int32)
-    q_from = np.empty_like(q_src, np.uint8)
-    s_src = np.empty((n_s_keep, n_head), np.int32)
-    s_from = np.empty_like(s_src, np.uint8)
-    for h in range(n_head):
-        fixed = np.flatnonzero(protected[:, h])
-        cand = np.setdiff1d(np.arange(len(pos)), fixed, assume_unique=True)
-        # ranked together, highest score first, ties to the newer token
-        cand = cand[np.lexsort((-pos[cand, h], -rank[cand, h]))]
-        may_o = pool[cand] != POOL_Q if not quantize else pool[cand] == POOL_O
-        keep_o = cand[may_o][: n_fixed - len(fixed) + n_o_keep]
-        rest = cand[~np.isin(cand, keep_o)]
-        to_q, to_s = rest[:n_q_keep], rest[n_q_keep : n_q_keep + n_s_keep]
-        o_rows = np.concatenate([fixed, keep_o])
-        o_src[:, h], o_from[:, h] = _in_place(o_rows, pos[:, h], pool, slot, POOL_O)
-        q_src[:, h], q_from[:, h] = _in_place(to_q, pos[:, h], pool, slot, POOL_Q)
-        s_src[:, h], s_from[:, h] = _in_place(to_s, pos[:, h], pool, slot, POOL_S)
+    fixed = np.zeros_like(recent)
+    fixed[:, :n_o] = protected
+    # per head: its best O rows (any but Q's without Q) take the O slots left after its protected
+    # ones, the best of the rest the Q slots, the next ones the spilled slots
+    key = _rank_key(np.where(recent, np.inf, score.T), pos)
+    may_o = ~fixed & ((pool == POOL_O) if quantize else (pool != POOL_Q))
+    keep_o = _smallest(key, may_o, n_fixed - protected.sum(1) + n_o_keep)
+    rest = ~fixed & ~keep_o
+    to_q = _smallest(key, rest, n_q_keep)
+    to_s = _smallest(key, rest, n_q_keep + n_s_keep) & ~to_q
+    o_src, o_from = _in_place(keep_o | fixed, pos, pool, slot, POOL_O)
+    q_src, q_from = _in_place(to_q, pos, pool, slot, POOL_Q)
+    s_src, s_from = _in_place(to_s, pos, pool, slot, POOL_S)
     return LayerPlan(cap_o, o_src, q_src, q_from, s_src, s_from, o_from)
+
+
+def _rank_key(rank: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """One unsigned key per row of the (head, row) arrays, smaller for the better row: higher
+    rank (bits 31-62; NaN last), then the newer token (bits 0-30). Ranks are compared in
+    float32, the precision of the attention statistics they come from."""
+    assert pos.size == 0 or (pos.min() >= 0 and pos.max() < 2**31)
+    f = (-rank).astype(np.float32) + np.float32(0.0)  # -0.0 ties with 0.0
+    bits = f.view(np.uint32)
+    code = np.where(bits >> 31, ~bits, bits | np.uint32(2**31))  # monotonic in the float
+    code[np.isnan(f)] = 2**32 - 1
+    return (code.astype(np.uint64) << np.uint64(31)) | (2**31 - 1 - pos).astype(np.uint64)
+
+
+def _smallest(key: np.ndarray, among: np.ndarray, k: int | np.ndarray) -> np.ndarray:
+    """Per head (row), a mask of the k rows `among` marks with the smallest keys (keys are
+    unique within a head, and each head has at least k such rows)."""
+    out = np.zeros_like(among)
+    for h, kh in enumerate(np.broadcast_to(k, len(key))):
+        if kh > 0:
+            cand = np.where(among[h], key[h], np.uint64(2**64 - 1))
+            out[h] = among[h] & (cand <= np.partition(cand, kh - 1)[kh - 1])
+    return out
 
 
 def _in_place(rows: np.ndarray, pos: np.ndarray, pool: np.ndarray, slot: np.ndarray,
               home: int) -> tuple[np.ndarray, np.ndarray]:
-    """The sources of the len(rows) slots of pool `home`: a row already there keeps its slot
+    """The sources (slot, pool; slots x heads) of pool `home`'s slots for the rows marked in
+    `rows` (heads x rows; the same number in every head): a row already there keeps its slot
     (its bytes are not moved; attention does not depend on the order of rows), the others fill
     the free slots in position order. A plan then moves only the rows that change place."""
-    n = len(rows)
-    stays = (pool[rows] == home) & (slot[rows] < n)
-    dst = np.full(n, -1)
-    dst[slot[rows[stays]]] = rows[stays]
-    moved = rows[~stays]
-    dst[dst < 0] = moved[np.argsort(pos[moved], kind="stable")]
-    return slot[dst], pool[dst]
+    n_head, n_rows = rows.shape
+    n = int(rows[0].sum())
+    home_rows = np.flatnonzero(pool == home)  # consecutive, slot 0 first
+    start = int(home_rows[0]) if len(home_rows) else 0
+    m = min(n, len(home_rows))
+    stays = np.zeros_like(rows)
+    stays[:, start:start + m] = rows[:, start:start + m]
+    dst = np.full((n_head, n), -1, np.int64)
+    dst[:, :m] = np.where(stays[:, start:start + m], np.arange(start, start + m), -1)
+    moved = np.flatnonzero(rows & ~stays)  # head-major; per head by position:
+    h, r = np.divmod(moved, n_rows)
+    dst[dst < 0] = r[np.argsort((h << 31) | pos[h, r])]
+    return (np.ascontiguousarray(slot[dst].T, np.int32),
+            np.ascontiguousarray(pool[dst].T, np.uint8))
 
 
 def drop_rows(lv: LayerView, score: np.ndarray, cap_o: int, drop: tuple[int, int],
@@ -88,22 +111,16 @@ def drop_rows(lv: LayerView, score: np.ndarray, cap_o: int, drop: tuple[int, int
     keep different numbers of rows in a pool (they must hold equal counts), each keeps that
     pool's smallest number: its window and sinks, then its highest-scored rows."""
     n_o, n_q, n_s = lv.n_rows
-    n_head = lv.pos_o.shape[1]
-    pos = lv.pos
+    pos = np.ascontiguousarray(lv.pos.T)  # (head, row)
     pool = np.repeat([POOL_O, POOL_Q, POOL_S], [n_o, n_q, n_s])
     slot = np.concatenate([np.arange(n_o), np.arange(n_q), np.arange(n_s)])
     keep = (pos < drop[0]) | (pos >= drop[1])
-    rank = np.where((pos > pos_max - window) | (pos < sinks), np.inf, score)
+    key = _rank_key(np.where((pos > pos_max - window) | (pos < sinks), np.inf, score.T), pos)
     srcs = []
     for p in (POOL_O, POOL_Q, POOL_S):
-        in_pool = keep & (pool == p)[:, None]
-        k = int(in_pool.sum(0).min())
-        src = np.empty((k, n_head), np.int32)
-        for h in range(n_head):
-            rows = np.flatnonzero(in_pool[:, h])
-            rows = rows[np.lexsort((-pos[rows, h], -rank[rows, h]))][:k]  # best first
-            src[:, h] = _in_place(rows, pos[:, h], pool, slot, p)[0]
-        srcs.append(src)
+        in_pool = keep & (pool == p)
+        best = _smallest(key, in_pool, in_pool.sum(1).min())
+        srcs.append(_in_place(best, pos, pool, slot, p)[0])
     o_src, q_src, s_src = srcs
     return LayerPlan(cap_o, o_src, q_src, np.full(q_src.shape, POOL_Q, np.uint8), s_src,
                      np.full(s_src.shape, POOL_S, np.uint8), np.full(o_src.shape, POOL_O, np.uint8))

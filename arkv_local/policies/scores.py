@@ -21,34 +21,47 @@ def heavy_hitter(mass: np.ndarray, mass_sq: np.ndarray, n: int, gamma: float) ->
     """hh = mean(p) + gamma * var(p) over n samples (queries x GQA group); var needs n > 1."""
     if n == 0:
         return np.zeros_like(mass, np.float64)
-    mean = mass.astype(np.float64) / n
+    mean = mass.astype(np.float64)
+    mean /= n
     if n == 1:
         return mean
-    var = np.clip(mass_sq.astype(np.float64) / n - mean**2, 0.0, None)
-    return mean + gamma * var
+    hh = mass_sq.astype(np.float64)  # in place from here: the arrays are (rows x heads) large
+    hh /= n
+    hh -= mean * mean
+    np.maximum(hh, 0.0, out=hh)
+    hh *= gamma
+    hh += mean
+    return hh
 
 
 def smooth_by_position(score: np.ndarray, pos: np.ndarray, width: int = 5) -> np.ndarray:
     """Moving average over neighbouring tokens in position order, zero padded at the ends
-    (the reference's avg_pool1d(kernel=width, padding=width//2)). No token, no score: the
-    padded row would be shorter than the kernel, which np.convolve would swap in."""
-    if len(score) == 0:
-        return np.zeros(0)
-    order = np.argsort(pos)
-    out = np.empty_like(score, np.float64)
-    padded = np.pad(score[order].astype(np.float64), width // 2)  # "same" would grow short rows
-    out[order] = np.convolve(padded, np.ones(width) / width, mode="valid")
-    return out
-
+    (the reference's avg_pool1d(kernel=width, padding=width//2)), per column (KV head)."""
+    return _pool_by_position(score, pos, width, np.add) / width
 
 
 def spread_by_position(score: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
     """Each token's score becomes the largest within `width` tokens around it, in position order
-    (max pooling): the span around a token that is attended to comes along with it."""
+    (max pooling), per column (KV head): the span around a token that is attended to comes
+    along with it."""
+    return _pool_by_position(score, pos, width, np.maximum)
+
+
+def _pool_by_position(score: np.ndarray, pos: np.ndarray, width: int,
+                      combine: np.ufunc) -> np.ndarray:
+    """`combine` folded over the `width` rows around each row taken in position order (zero
+    padded), along axis 0: rows, or rows x KV heads at once. No row, no score."""
+    score = np.asarray(score, np.float64)
     if len(score) == 0:
-        return np.zeros(0)
-    order = np.argsort(pos)
-    padded = np.pad(score[order].astype(np.float64), width // 2)
-    out = np.empty_like(score, np.float64)
-    out[order] = np.lib.stride_tricks.sliding_window_view(padded, width).max(axis=1)
-    return out
+        return np.zeros(score.shape)
+    s, p = score.reshape(len(score), -1).T, pos.reshape(len(pos), -1).T  # (head, row)
+    order = np.argsort(p, axis=1)
+    half = width // 2
+    padded = np.zeros((len(s), len(order[0]) + 2 * half))
+    padded[:, half:half + len(order[0])] = np.take_along_axis(s, order, 1)
+    acc = padded[:, : len(order[0])].copy()
+    for k in range(1, width):
+        combine(acc, padded[:, k : k + len(order[0])], out=acc)
+    out = np.empty_like(acc)
+    np.put_along_axis(out, order, acc, 1)
+    return out.T.reshape(score.shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -39,16 +40,18 @@ class LayerView:
         s = s.reshape(0, o.shape[1]) if s.size == 0 else s
         return np.concatenate([o, q, s])
 
-    @property
+    # made once per view: the scores and the planner read them several times
+
+    @cached_property
     def pos(self) -> np.ndarray:
         """Positions of all rows, O then Q then S: the rows a policy scores."""
         return self._rows(self.pos_o, self.pos_q, self.pos_s)
 
-    @property
+    @cached_property
     def mass(self) -> np.ndarray:
         return self._rows(self.mass_o, self.mass_q, self.mass_s)
 
-    @property
+    @cached_property
     def mass_sq(self) -> np.ndarray:
         return self._rows(self.mass_sq_o, self.mass_sq_q, self.mass_sq_s)
 
