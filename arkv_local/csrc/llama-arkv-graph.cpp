@@ -332,8 +332,8 @@ ggml_tensor * llama_kv_cache_arkv::build_probs(ggml_context * ctx0, ggml_tensor 
 }
 
 // heavy-hitter statistics: p [n_kv, n_sel, n_head] summed over the queries and the GQA group into the accumulators.
-// The group's heads are added as G strided views of [p | p^2], then one 2D transpose makes each key's sums a row
-// [query][KV head]: the kernels GPUs have for these are coalesced (a 4-D permute, or sums of rows of G values, are not)
+// The group's heads are added as G strided views, then one 2D transpose makes each key's sums a row [query][KV head]:
+// the GPU kernels for these are coalesced (for a 4-D permute, or sums of rows of G values, they are not)
 void llama_kv_cache_arkv::build_scores(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, const view & v,
                                        ggml_tensor * p) const {
     const int64_t H = n_head_kv_;
@@ -344,33 +344,37 @@ void llama_kv_cache_arkv::build_scores(ggml_context * ctx0, ggml_cgraph * gf, co
         p = ggml_cont(ctx0, p);
     }
     p = ggml_reshape_4d(ctx0, p, n_kv, n_sel, G, H);
-    ggml_tensor * pp = ggml_concat(ctx0, p, ggml_sqr(ctx0, p), 3);          // [n_kv, n_sel, G, 2H]
-    ggml_tensor * s = nullptr;
-    for (int64_t g = 0; g < G; ++g) {
-        ggml_tensor * pg = ggml_view_3d(ctx0, pp, n_kv, n_sel, 2*H, pp->nb[1], pp->nb[3], g*pp->nb[2]);
-        s = s ? ggml_add(ctx0, s, pg) : pg;
-    }
-    if (!ggml_is_contiguous(s)) {
-        s = ggml_cont(ctx0, s);                                             // G == 1
-    }
-    s = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_2d(ctx0, s, n_kv, n_sel*2*H))); // [n_sel*2H, n_kv]
-    if (n_sel > 1) {
-        s = ggml_sum_rows(ctx0, ggml_reshape_3d(ctx0, s, n_sel, 2*H, n_kv));
-    }
-    s = ggml_reshape_2d(ctx0, s, 2*H, n_kv);                                // per key: H sums, then H sums of squares
-    auto accumulate = [&](ggml_tensor * acc, size_t plane, int64_t col0, int64_t n) {
+    auto group_sum = [&](ggml_tensor * x) {                                // [H, n_kv]
+        ggml_tensor * s = nullptr;
+        for (int64_t g = 0; g < G; ++g) {
+            ggml_tensor * xg = ggml_view_3d(ctx0, x, n_kv, n_sel, H, x->nb[1], x->nb[3], g*x->nb[2]);
+            s = s ? ggml_add(ctx0, s, xg) : xg;
+        }
+        if (!ggml_is_contiguous(s)) {
+            s = ggml_cont(ctx0, s);                                         // G == 1
+        }
+        s = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_2d(ctx0, s, n_kv, n_sel*H))); // [n_sel*H, n_kv]
+        if (n_sel > 1) {
+            s = ggml_sum_rows(ctx0, ggml_reshape_3d(ctx0, s, n_sel, H, n_kv));
+        }
+        return ggml_reshape_2d(ctx0, s, H, n_kv);
+    };
+    ggml_tensor * s1 = group_sum(p);
+    ggml_tensor * s2 = group_sum(ggml_sqr(ctx0, p));
+    auto accumulate = [&](ggml_tensor * acc, ggml_tensor * s, size_t plane, int64_t col0, int64_t n) {
         if (n == 0) {
             return;
         }
         ggml_tensor * dst = ggml_view_2d(ctx0, acc, H, n, acc->nb[1], plane*acc->nb[2]);
-        ggml_tensor * add = ggml_view_2d(ctx0, s, H, n, s->nb[1], col0*s->nb[1] + plane*H*ggml_element_size(s));
+        ggml_tensor * add = ggml_view_2d(ctx0, s, H, n, s->nb[1], col0*s->nb[1]);
         ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_add(ctx0, dst, add), dst));
     };
-    for (size_t plane = 0; plane < 2; ++plane) {
-        accumulate(l.acc_lo, plane, 0, v.n_lo);
-        accumulate(l.acc_s, plane, v.n_lo, v.n_s);
-        accumulate(l.acc_o, plane, v.n_lo + v.n_s, v.n_o_pad);
-    }
+    accumulate(l.acc_lo, s1, 0, 0, v.n_lo);
+    accumulate(l.acc_lo, s2, 1, 0, v.n_lo);
+    accumulate(l.acc_s, s1, 0, v.n_lo, v.n_s);
+    accumulate(l.acc_s, s2, 1, v.n_lo, v.n_s);
+    accumulate(l.acc_o, s1, 0, v.n_lo + v.n_s, v.n_o_pad);
+    accumulate(l.acc_o, s2, 1, v.n_lo + v.n_s, v.n_o_pad);
 }
 
 // two flash attentions, over the LO rows as they lie (ggml-cuda's and Metal's vector kernels read q4_0) and
