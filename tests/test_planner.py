@@ -143,6 +143,23 @@ def test_a_simulated_read_keeps_the_budget_and_spills_the_rest(policy: str) -> N
     n = r["rows"]
     assert n["o"] * slot_o + n["q"] * slot_q <= 512 * slot_o
     assert n["o"] + n["q"] + n["s"] == 2048
-    assert r["plans"] == -(-2048 // r["chunk"]) - 1
+    assert r["plans"] == -(-2048 // r["chunk"]) - 1 and r["decode_plans"] == 0
     if policy != "arkv":  # arkv: a layer's share of f16 follows its statistics (random here)
         assert (n["q"] > 0) == (policy == "quant")
+
+
+def test_bench_plans_prints_a_line_per_policy_and_depth() -> None:
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "arkv_local.bench", "plans", "--depths", "600",
+                        "1200", "--policies", "quant", "arkv", "--layers", "2", "--heads", "2",
+                        "--head-dim", "64", "--decode", "200"],
+                       capture_output=True, text=True, timeout=300, check=True)
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [(r["policy"], r["depth"]) for r in rows] == [("quant", 600), ("arkv", 600),
+                                                         ("quant", 1200), ("arkv", 1200)]
+    for r in rows:  # room for each slack's worth (64) of decoded tokens: 200 tokens, 4 plans
+        assert r["decode_plans"] == 4 and r["decode_ms_per_plan"] > 0
+        assert sum(r["rows"].values()) == r["depth"] + 200

@@ -2,10 +2,11 @@
 and depth, without the model (numpy alone).
 
 A prompt of --depth tokens is read in chunks as the eval loop reads it (the policy's read_chunk
-for the budget); before each chunk the policy plans room for it, and the plan is applied to a
-simulated layout: per layer and KV head, the positions each slot of O, Q and S holds (a plan
-keeps, moves, quantizes, spills or evicts them as it would in the cache). Attention masses and
-prefill statistics are random. The default shape is Llama-3-8B's cache (32 layers, 8 KV heads
+for the budget), then --decode tokens are decoded; before each chunk, and whenever decoding has
+filled the slack, the policy plans room, and the plan is applied to a simulated layout: per
+layer and KV head, the positions each slot of O, Q and S holds (a plan keeps, moves, quantizes,
+spills or evicts them as it would in the cache). Attention masses and prefill statistics are
+random; the spill holds every token. The default shape is Llama-3-8B's cache (32 layers, 8 KV heads
 of 128), as the device check's bench model. Only arkv_local.policies is imported, so the same
 file times an older checkout's policies: `PYTHONPATH=OLD python arkv_local/bench/plans.py`.
 """
@@ -25,28 +26,32 @@ from arkv_local.policies.types import POOL_O, POOL_Q, POOL_S, Budget, KVView, La
 
 
 def simulate(policy: str, depth: int, fraction: float, n_layer: int, n_head_kv: int,
-             head_dim: int, seed: int = 0) -> dict[str, Any]:
-    """Read `depth` tokens under `policy` at `fraction` of the f16 bytes; the plans' times."""
+             head_dim: int, n_decode: int = 0, seed: int = 0) -> dict[str, Any]:
+    """Read `depth` tokens under `policy` at `fraction` of the f16 bytes, then decode
+    `n_decode`; the plans' times."""
     rng = np.random.default_rng(seed)
     pol = make_policy(policy)
     assert pol is not None, "a policy that plans"
     slot_o = 2 * n_head_kv * head_dim * 2  # K and V of all KV heads, f16
     slot_q = 2 * n_head_kv * head_dim // 32 * 18  # q4_0
     budget_tokens = int(fraction * depth)
-    budget = Budget(budget_tokens * slot_o, slot_o, slot_q, cap_s=depth)  # the spill holds all
+    budget = Budget(budget_tokens * slot_o, slot_o, slot_q, cap_s=depth + n_decode)
     chunk = pol.read_chunk(budget_tokens)
     empty = np.zeros((0, n_head_kv), np.int32)
     pools = [{"o": empty, "q": empty, "s": empty} for _ in range(n_layer)]
     stats = rng.random((n_layer, 3))
     times: list[float] = []
-    n_read = 0
-    while n_read < depth:
-        n = min(chunk, depth - n_read)
+    n_read, n_prompt_plans = 0, 0
+    while n_read < depth + n_decode:
+        prompt = n_read < depth
+        n = min(chunk, depth - n_read) if prompt else min(pol.slack, depth + n_decode - n_read)
         if n_read:  # room for the chunk (the first fits the empty cache)
-            view = _view(pools, rng, stats, n_read - 1, depth, min(chunk, defaults.OBSERVE))
+            view = _view(pools, rng, stats, n_read - 1, depth + n_decode,
+                         min(chunk, defaults.OBSERVE) if prompt else pol.slack)
             t0 = time.perf_counter()
             plan = pol.plan(view, budget, n)
             times.append(time.perf_counter() - t0)
+            n_prompt_plans += prompt
             pol.planned(True)
             pools = [_apply(lp, lv) for lp, lv in zip(plan, view.layers, strict=True)]
         new = np.repeat(np.arange(n_read, n_read + n, dtype=np.int32)[:, None], n_head_kv, 1)
@@ -54,9 +59,11 @@ def simulate(policy: str, depth: int, fraction: float, n_layer: int, n_head_kv: 
             p["o"] = np.concatenate([p["o"], new])
         n_read += n
     last = pools[0]
-    return dict(policy=policy, depth=depth, fraction=fraction, chunk=chunk, plans=len(times),
-                total_s=round(sum(times), 3), mean_ms=round(1e3 * np.mean(times), 1),
-                last_ms=round(1e3 * times[-1], 1),
+    prompt, decode = times[:n_prompt_plans], times[n_prompt_plans:]
+    return dict(policy=policy, depth=depth, fraction=fraction, chunk=chunk, plans=len(prompt),
+                prompt_s=round(sum(prompt), 3), last_prompt_ms=round(1e3 * prompt[-1], 1),
+                decode_plans=len(decode),
+                decode_ms_per_plan=round(1e3 * float(np.mean(decode)), 1) if decode else None,
                 rows=dict(o=len(last["o"]), q=len(last["q"]), s=len(last["s"])))
 
 
@@ -98,6 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--heads", type=int, default=8, help="KV heads")
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--decode", type=int, default=0, help="tokens decoded after the prompt")
 
 
 def plans(args: argparse.Namespace) -> None:
@@ -105,7 +113,7 @@ def plans(args: argparse.Namespace) -> None:
     for depth in args.depths:
         for policy in args.policies:
             print(json.dumps(simulate(policy, depth, args.fraction, args.layers, args.heads,
-                                      args.head_dim)), flush=True)
+                                      args.head_dim, args.decode)), flush=True)
 
 
 if __name__ == "__main__":
