@@ -18,7 +18,12 @@ from arkv_local.policies import (
     Window,
     make_policy,
 )
-from arkv_local.policies.scores import heavy_hitter, oq_ratios, smooth_by_position
+from arkv_local.policies.scores import (
+    heavy_hitter,
+    oq_ratios,
+    smooth_by_position,
+    spread_by_position,
+)
 from arkv_local.policies.types import POOL_O, POOL_Q
 
 
@@ -52,6 +57,23 @@ def test_smoothing_follows_positions_not_slots() -> None:
     np.testing.assert_allclose(smooth_by_position(np.array([1.0]), np.array([0])), [0.2])
     # no token at all (a cache just cleared): no score, not the kernel's overhang
     assert smooth_by_position(np.zeros(0), np.zeros(0, int)).shape == (0,)
+
+
+def test_pooling_by_position_treats_each_kv_head_alone() -> None:
+    # (rows, heads) at once: each column as np.convolve (mean) and a sliding max see it alone
+    rng = np.random.default_rng(0)
+    score = rng.random((40, 3))
+    pos = np.stack([rng.permutation(100)[:40] for _ in range(3)], 1)
+    for h in range(3):
+        order = np.argsort(pos[:, h])
+        by_pos = np.pad(score[order, h], 2)
+        mean = np.empty(40)
+        mean[order] = np.convolve(by_pos, np.ones(5) / 5, mode="valid")
+        np.testing.assert_allclose(smooth_by_position(score, pos)[:, h], mean, rtol=1e-12)
+        by_pos = np.pad(score[order, h], 7)
+        top = np.empty(40)
+        top[order] = np.lib.stride_tricks.sliding_window_view(by_pos, 15).max(1)
+        np.testing.assert_array_equal(spread_by_position(score, pos, 15)[:, h], top)
 
 
 @pytest.mark.parametrize("cls", [ARKV, H2O])

@@ -52,16 +52,16 @@ def _pool_by_position(score: np.ndarray, pos: np.ndarray, width: int,
     """`combine` folded over the `width` rows around each row taken in position order (zero
     padded), along axis 0: rows, or rows x KV heads at once. No row, no score."""
     score = np.asarray(score, np.float64)
-    if len(score) == 0:
+    n, half = len(score), width // 2
+    if n == 0:
         return np.zeros(score.shape)
-    s, p = score.reshape(len(score), -1).T, pos.reshape(len(pos), -1).T  # (head, row)
+    s, p = score.reshape(n, -1).T, pos.reshape(n, -1).T  # (head, row)
     order = np.argsort(p, axis=1)
-    half = width // 2
-    padded = np.zeros((len(s), len(order[0]) + 2 * half))
-    padded[:, half:half + len(order[0])] = np.take_along_axis(s, order, 1)
-    acc = padded[:, : len(order[0])].copy()
+    padded = np.zeros((len(s), n + 2 * half))
+    padded[:, half:half + n] = np.take_along_axis(s, order, 1)
+    acc = padded[:, :n].copy()
     for k in range(1, width):
-        combine(acc, padded[:, k : k + len(order[0])], out=acc)
+        combine(acc, padded[:, k:k + n], out=acc)
     out = np.empty_like(acc)
     np.put_along_axis(out, order, acc, 1)
     return out.T.reshape(score.shape)
