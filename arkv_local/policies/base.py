@@ -61,7 +61,8 @@ class Policy:
 
     def scores(self, view: KVView, layer: int) -> np.ndarray:
         """Importance of every row in use, shaped as the layer's `pos` (O, then Q, then spilled
-        rows); higher is kept."""
+        rows); higher is kept. The planner compares them in float32: equal ones go to the newer
+        token."""
         raise NotImplementedError
 
     def recall_scores(self, view: KVView, layer: int) -> np.ndarray:
