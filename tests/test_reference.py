@@ -217,9 +217,16 @@ def reference_stats(probs: list[np.ndarray], w: int, n_nw: int) -> np.ndarray:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_llama() -> Path:
-    return tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
+# query heads per KV head (GQA group): 2; 1 (no grouping); 4 (Llama-3-8B's), the segments path reads
+# one decoded query's group as the columns of one product per KV head
+def tiny_llama_path(n_head: int = 4, n_head_kv: int = 2) -> Path:
+    return tiny_model_path("llama", n_layer=2, n_embd=256, n_head=n_head, n_head_kv=n_head_kv,
+                           n_ff=512)
+
+
+@pytest.fixture(scope="module", params=[(4, 2), (4, 4), (8, 2)], ids=["gqa2", "mha", "gqa4"])
+def tiny_llama(request: pytest.FixtureRequest) -> Path:
+    return tiny_llama_path(*request.param)
 
 
 def random_tokens(path: Path, n: int, rng: np.random.Generator) -> list[int]:
@@ -354,7 +361,7 @@ def test_per_head_eviction_matches_reference(tiny_llama: Path, attn: str) -> Non
     ref = reference_logits(tiny_llama, tokens, keep, N_NEXT, f16_qp=not flash_attn)[N_PAST:]
     assert np.abs(got - ref).max() <= TOL_EVICT[flash_attn]
     # a plan applied to the wrong heads would be far outside the tolerance
-    swapped = [[k[1], k[0]] for k in keep]
+    swapped = [k[1:] + k[:1] for k in keep]  # each head's rows given to the next head
     ref_swapped = reference_logits(tiny_llama, tokens, swapped, N_NEXT, f16_qp=not flash_attn)
     assert np.abs(got - ref_swapped[N_PAST:]).max() > 0.1
 
@@ -483,7 +490,7 @@ def test_pools_stay_inside_their_arena_under_cuda_padding(model: str,
     # ggml-cuda pads a quantized tensor it allocates to rows of 512 values and zeroes the padding;
     # rows of 128 (tiny Llama) or 192 (SmolLM2) values would reach past the Q pool into the next
     # arena. The pools are views (never padded), and the arena keeps zeroed slack for that padding.
-    path = request.getfixturevalue(model)
+    path = tiny_llama_path() if model == "tiny_llama" else request.getfixturevalue(model)
     shape = model_shape(path)
     params = MemoryParams(BUDGET * shape.f16_slot_bytes, rotate=False)
     llm = open_llama(str(path), params, **CTX)
