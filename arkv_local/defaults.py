@@ -14,3 +14,10 @@ OBSERVE = 32      # last queries of each ubatch whose attention is scored (ARKV'
 N_O_INIT = 0      # O slots per layer at creation; 0: the whole budget in f16
 ATTN = "auto"     # decode attention path (memory.ATTN_PATHS)
 SPILL = "host"    # where rows leaving the budget go (host memory), recalled by each prompt's tail
+
+
+def slack_for(budget_tokens: int) -> int:
+    """kv_slack's default for a budget of budget_tokens f16 tokens per layer: SLACK, or 1/64 of
+    the budget when that is larger. A plan's cost grows with the rows it ranks, so decoding
+    then spends about the same share of its time on plans at any budget."""
+    return max(SLACK, budget_tokens // 64)

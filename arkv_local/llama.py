@@ -42,7 +42,8 @@ class Llama(llama_cpp.Llama):
     kv_budget: KV memory as the number of tokens an f16 cache would hold (default: n_ctx if
         given, else 512); or kv_budget_bytes: KV bytes over all layers.
     kv_window, kv_sinks, kv_slack: newest tokens kept in f16 (32), first tokens kept in f16
-        (4), slots freed per tailoring (64).
+        (4), slots freed per tailoring (64, or 1/64 of the budget when larger: a plan's cost
+        grows with the budget, so that decoding pays a like share for plans at any size).
     kv_quant: the 4-bit state's type, "q4_0" (default), "q4_1" or "q8_0".
     kv_rotate: Walsh-Hadamard rotation of the cached K/V (as llama.cpp's quantized caches).
     kv_observe: last queries of each ubatch whose attention is scored (32), for the policies
@@ -119,6 +120,8 @@ class Llama(llama_cpp.Llama):
         n_ctx = kwargs.get("n_ctx", 512) or shape.n_ctx_train  # llama_cpp: 0 is the trained limit
         layer_bytes = _layer_budget(shape.f16_slot_bytes, shape.n_layer, kv_budget,
                                     kv_budget_bytes, n_ctx)
+        if kv_slack is None and isinstance(kv_policy, str):
+            policy.slack = defaults.slack_for(layer_bytes // shape.f16_slot_bytes)
         if layer_bytes < policy.min_budget_tokens() * shape.f16_slot_bytes:
             raise ValueError(
                 f"a KV budget of {layer_bytes // shape.f16_slot_bytes} tokens is below the window "

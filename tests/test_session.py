@@ -202,6 +202,23 @@ def test_statistics_are_measured_only_on_the_chunk_that_keeps_them(
     assert plans_a == plans_b and (len(plans_a) > 5) == (budget < n_prompt)
 
 
+def test_slack_grows_with_large_budgets_unless_given() -> None:
+    # a plan's cost grows with the rows it ranks: past 64 x 64 tokens of budget the default
+    # slack is 1/64 of it, so that decoding plans as often per cost; a knob or a policy
+    # object given keeps its own
+    path = tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
+    kw = dict(kv_policy="arkv", n_ctx=512, verbose=False)
+    assert defaults.slack_for(4096) == 64 and defaults.slack_for(8192) == 128
+    for budget, slack, want in ((1024, None, 64), (4096, None, 64), (20000, None, 312),
+                                (20000, 32, 32)):
+        llm = Llama(str(path), kv_budget=budget, kv_slack=slack, **kw)
+        assert llm._tailor.policy.slack == want
+        llm.close()
+    llm = Llama(str(path), kv_budget=20000, **dict(kw, kv_policy=ARKV(slack=16)))
+    assert llm._tailor.policy.slack == 16
+    llm.close()
+
+
 def test_defaults_have_one_source() -> None:
     assert Policy().window == defaults.WINDOW and Policy().sinks == defaults.SINKS
     assert Policy().slack == defaults.SLACK

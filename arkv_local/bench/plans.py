@@ -26,15 +26,16 @@ from arkv_local.policies.types import POOL_O, POOL_Q, POOL_S, Budget, KVView, La
 
 
 def simulate(policy: str, depth: int, fraction: float, n_layer: int, n_head_kv: int,
-             head_dim: int, n_decode: int = 0, seed: int = 0) -> dict[str, Any]:
+             head_dim: int, n_decode: int = 0, slack: int = 0, seed: int = 0) -> dict[str, Any]:
     """Read `depth` tokens under `policy` at `fraction` of the f16 bytes, then decode
-    `n_decode`; the plans' times."""
+    `n_decode`; the plans' times. slack: the policy's (0: Llama's default for the budget)."""
     rng = np.random.default_rng(seed)
     pol = make_policy(policy)
     assert pol is not None, "a policy that plans"
     slot_o = 2 * n_head_kv * head_dim * 2  # K and V of all KV heads, f16
     slot_q = 2 * n_head_kv * head_dim // 32 * 18  # q4_0
     budget_tokens = int(fraction * depth)
+    pol.slack = slack or defaults.slack_for(budget_tokens)  # as Llama sets it
     budget = Budget(budget_tokens * slot_o, slot_o, slot_q, cap_s=depth + n_decode)
     chunk = pol.read_chunk(budget_tokens)
     empty = np.zeros((0, n_head_kv), np.int32)
@@ -60,7 +61,8 @@ def simulate(policy: str, depth: int, fraction: float, n_layer: int, n_head_kv: 
         n_read += n
     last = pools[0]
     prompt, decode = times[:n_prompt_plans], times[n_prompt_plans:]
-    return dict(policy=policy, depth=depth, fraction=fraction, chunk=chunk, plans=len(prompt),
+    return dict(policy=policy, depth=depth, fraction=fraction, chunk=chunk, slack=pol.slack,
+                plans=len(prompt),
                 prompt_s=round(sum(prompt), 3), last_prompt_ms=round(1e3 * prompt[-1], 1),
                 decode_plans=len(decode),
                 decode_ms_per_plan=round(1e3 * float(np.mean(decode)), 1) if decode else None,
@@ -106,6 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=8, help="KV heads")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--decode", type=int, default=0, help="tokens decoded after the prompt")
+    p.add_argument("--slack", type=int, default=0,
+                   help="the policy's slack (default: Llama's for the budget)")
 
 
 def plans(args: argparse.Namespace) -> None:
@@ -113,7 +117,7 @@ def plans(args: argparse.Namespace) -> None:
     for depth in args.depths:
         for policy in args.policies:
             print(json.dumps(simulate(policy, depth, args.fraction, args.layers, args.heads,
-                                      args.head_dim, args.decode)), flush=True)
+                                      args.head_dim, args.decode, args.slack)), flush=True)
 
 
 if __name__ == "__main__":
