@@ -163,3 +163,21 @@ def test_bench_plans_prints_a_line_per_policy_and_depth() -> None:
     for r in rows:  # room for each slack's worth (64) of decoded tokens: 200 tokens, 4 plans
         assert r["decode_plans"] == 4 and r["decode_ms_per_plan"] > 0
         assert sum(r["rows"].values()) == r["depth"] + 200
+
+
+def test_rows_sharing_a_position_still_fill_every_slot_once() -> None:
+    # positions repeat within a head (as a model with several tokens per position would make):
+    # equal keys, and still each head takes exactly as many rows as every other, each once
+    rng = np.random.default_rng(7)
+    n_o, n_q, n_head = 30, 40, 3
+    pos = rng.integers(0, 20, (n_o + n_q, n_head)).astype(np.int32)
+    z = np.zeros((0, n_head))
+    lv = LayerView(pos[:n_o], pos[n_o:], z, z, z, z)
+    score = rng.integers(0, 3, (n_o + n_q, n_head)).astype(np.float64)
+    budget = Budget(layer_bytes=400, slot_o=10, slot_q=3, align=1)
+    plan = plan_layer(lv, score, 0.5, budget, 2, 19, window=2, sinks=0, quantize=True)
+    for src, frm in ((plan.o_src, plan.o_from), (plan.q_src, plan.q_from)):
+        for h in range(n_head):
+            taken = list(zip(frm[:, h].tolist(), src[:, h].tolist(), strict=True))
+            assert len(set(taken)) == len(taken)
+    assert len(plan.q_src) > 0 and plan.cap_o > len(plan.o_src)

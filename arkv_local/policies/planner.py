@@ -72,14 +72,14 @@ def _rank_key(rank: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def _smallest(key: np.ndarray, among: np.ndarray, k: int | np.ndarray) -> np.ndarray:
-    """Per head (row), a mask of the k rows `among` marks with the smallest keys (keys are
-    unique within a head, and each head has at least k such rows)."""
+    """Per head (row), a mask of the k rows `among` marks with the smallest keys (each head has
+    at least k such rows; keys are unique within a head, and exactly k are taken regardless)."""
     out = np.zeros_like(among)
     for h, kh in enumerate(np.broadcast_to(k, len(key))):
         if kh > 0:
             cand = np.where(among[h], key[h], np.uint64(2**64 - 1))
-            out[h] = among[h] & (cand <= np.partition(cand, kh - 1)[kh - 1])
-    return out
+            out[h, np.argpartition(cand, kh - 1)[:kh]] = True
+    return out & among
 
 
 def _in_place(rows: np.ndarray, pos: np.ndarray, pool: np.ndarray, slot: np.ndarray,
