@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arkv_local.policies.planner import drop_rows, plan_layer
+from arkv_local.policies.planner import drop_rows, plan_layer, slot_counts
 from arkv_local.policies.types import POOL_O, POOL_Q, POOL_S, Budget, LayerView
 
 
@@ -29,14 +29,9 @@ def ref_plan_layer(lv, score, ratio, budget, room, pos_max, *, window, sinks, qu
     recent = (pos > pos_max - window) | (pos < sinks)
     protected = recent[:n_o]
     n_fixed = int(protected.sum(0).max(initial=0))
-    free = budget.layer_bytes - (n_fixed + room) * budget.slot_o
-    n_cand = n_o - n_fixed + n_q + n_s
-    n_o_cand = n_o - n_fixed + (0 if quantize else n_s)
-    o_budget = int(ratio * free) // budget.slot_o if quantize else free // budget.slot_o
-    n_o_keep = min(o_budget, n_o_cand)
-    cap_o = n_fixed + n_o_keep + room
-    n_q_keep = min(budget.cap_q(cap_o) if quantize else 0, n_cand - n_o_keep)
-    n_s_keep = min(cap_s, n_cand - n_o_keep - n_q_keep)
+    # the budget's arithmetic is shared (not what these tests hold to the old loops)
+    n_o_keep, cap_o, n_q_keep, n_s_keep = slot_counts(lv.n_rows, n_fixed, ratio, budget, room,
+                                                      quantize=quantize, cap_s=cap_s)
     pool = np.repeat([POOL_O, POOL_Q, POOL_S], [n_o, n_q, n_s])
     slot = np.concatenate([np.arange(n_o), np.arange(n_q), np.arange(n_s)])
     rank = np.where(recent, np.inf, score)

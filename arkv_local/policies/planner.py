@@ -28,18 +28,8 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
     # it cannot use with its best other rows, its window rows ranked first
     protected = recent[:, :n_o]
     n_fixed = int(protected.sum(1).max(initial=0))
-    free = budget.layer_bytes - (n_fixed + room) * budget.slot_o
-    if free < 0:
-        raise ValueError(
-            f"layer {layer}: a budget of {budget.layer_bytes} bytes cannot hold the window "
-            f"and sinks ({n_fixed} tokens) plus room for {room} new tokens in f16")
-    n_cand = n_o - n_fixed + n_q + n_s
-    n_o_cand = n_o - n_fixed + (0 if quantize else n_s)  # rows that may take an O slot
-    o_budget = int(ratio * free) // budget.slot_o if quantize else free // budget.slot_o
-    n_o_keep = min(o_budget, n_o_cand)
-    cap_o = n_fixed + n_o_keep + room
-    n_q_keep = min(budget.cap_q(cap_o) if quantize else 0, n_cand - n_o_keep)
-    n_s_keep = min(cap_s, n_cand - n_o_keep - n_q_keep)
+    n_o_keep, cap_o, n_q_keep, n_s_keep = slot_counts(lv.n_rows, n_fixed, ratio, budget, room,
+                                                      quantize=quantize, cap_s=cap_s, layer=layer)
 
     pool = np.repeat([POOL_O, POOL_Q, POOL_S], [n_o, n_q, n_s])
     slot = np.concatenate([np.arange(n_o), np.arange(n_q), np.arange(n_s)])
@@ -57,6 +47,28 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
     q_src, q_from = _in_place(to_q, pos, pool, slot, POOL_Q)
     s_src, s_from = _in_place(to_s, pos, pool, slot, POOL_S)
     return LayerPlan(cap_o, o_src, q_src, q_from, s_src, s_from, o_from)
+
+
+def slot_counts(n_rows: tuple[int, int, int], n_fixed: int, ratio: float, budget: Budget,
+                room: int, *, quantize: bool, cap_s: int = 0,
+                layer: int = 0) -> tuple[int, int, int, int]:
+    """A layer's counts under the budget, the same in every KV head: (O rows kept besides the
+    n_fixed protected ones, O slots, Q rows, spilled rows). `ratio` of the bytes beyond the
+    protected rows and the room buys O slots (all of them when not `quantize`); Q takes what the
+    O pool leaves, the spill the next rows."""
+    n_o, n_q, n_s = n_rows
+    free = budget.layer_bytes - (n_fixed + room) * budget.slot_o
+    if free < 0:
+        raise ValueError(
+            f"layer {layer}: a budget of {budget.layer_bytes} bytes cannot hold the window "
+            f"and sinks ({n_fixed} tokens) plus room for {room} new tokens in f16")
+    n_cand = n_o - n_fixed + n_q + n_s
+    n_o_cand = n_o - n_fixed + (0 if quantize else n_s)  # rows that may take an O slot
+    o_budget = int(ratio * free) // budget.slot_o if quantize else free // budget.slot_o
+    n_o_keep = min(o_budget, n_o_cand)
+    cap_o = n_fixed + n_o_keep + room
+    n_q_keep = min(budget.cap_q(cap_o) if quantize else 0, n_cand - n_o_keep)
+    return n_o_keep, cap_o, n_q_keep, min(cap_s, n_cand - n_o_keep - n_q_keep)
 
 
 def _rank_key(rank: np.ndarray, pos: np.ndarray) -> np.ndarray:
