@@ -176,3 +176,32 @@ def test_rows_sharing_a_position_still_fill_every_slot_once() -> None:
             taken = list(zip(frm[:, h].tolist(), src[:, h].tolist(), strict=True))
             assert len(set(taken)) == len(taken)
     assert len(plan.q_src) > 0 and plan.cap_o > len(plan.o_src)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_smallest_takes_exact_counts_in_key_order_even_with_repeated_keys(seed: int) -> None:
+    # the planner's selection: per head, consecutive groups of exactly the counts asked for,
+    # among the marked rows only, each group's keys no larger than the next one's; keys repeat
+    # (rows sharing a position and a score) at the thresholds, the case a threshold alone
+    # would take too many rows in
+    from arkv_local.policies.planner import _smallest
+
+    rng = np.random.default_rng(seed)
+    n_head, n = int(rng.integers(1, 5)), int(rng.integers(1, 60))
+    key = rng.integers(0, int(rng.integers(1, 8)), (n_head, n)).astype(np.uint64)
+    among = rng.random((n_head, n)) < 0.8
+    avail = int(among.sum(1).min())
+    k1 = rng.integers(0, avail + 1, n_head)  # per head, or one count for all
+    if rng.random() < 0.5:
+        k1 = int(k1[0])
+    k2 = int(rng.integers(0, avail - int(np.max(k1)) + 1))
+    g1, g2 = _smallest(key, among, k1, k2)
+    for h in range(n_head):
+        a, b = np.flatnonzero(g1[h]), np.flatnonzero(g2[h])
+        assert len(a) == np.broadcast_to(k1, n_head)[h] and len(b) == k2
+        assert among[h, a].all() and among[h, b].all() and not (g1[h] & g2[h]).any()
+        rest = key[h, among[h] & ~g1[h] & ~g2[h]]
+        if len(a) and len(b):
+            assert key[h, a].max() <= key[h, b].min()
+        if len(rest) and (len(a) or len(b)):
+            assert key[h, np.concatenate([a, b])].max() <= rest.min()

@@ -29,9 +29,9 @@ class HeavyHitter(Policy):
     needs_scores: ClassVar[bool] = True
 
     _past: list[np.ndarray] = field(default_factory=list, init=False, repr=False, compare=False)
-    # what _remember changed since the last planned(): (layer, its array before, rows, heads,
-    # their values before), to take back a plan that was not applied
-    _undo: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(
+    # what _remember changed since the last planned(): (layer, its array before, the flat
+    # indices written, their values before), to take back a plan that was not applied
+    _undo: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(
         default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -43,8 +43,8 @@ class HeavyHitter(Policy):
         self._past, self._undo = [], []
 
     def planned(self, applied: bool) -> None:
-        for layer, before, pos, heads, prev in ([] if applied else reversed(self._undo)):
-            self._past[layer][pos, heads] = prev  # the array grown since, or this one
+        for layer, before, idx, prev in ([] if applied else reversed(self._undo)):
+            self._past[layer].reshape(-1)[idx] = prev  # the array grown since, or this one
             self._past[layer] = before
         self._undo = []
 
@@ -80,15 +80,20 @@ class HeavyHitter(Policy):
         while len(self._past) <= layer:
             self._past.append(np.full((0, hh.shape[1]), np.nan, np.float32))
         past = before = self._past[layer]
+        if not past.flags.c_contiguous:  # written through a flat view below
+            past = np.ascontiguousarray(past)
         need = int(pos.max(initial=-1)) + 1
         if need > len(past):
             size = max(need, n_positions) if n_positions else max(need, 2 * len(past))
             past = np.concatenate([past, np.full((size - len(past), hh.shape[1]), np.nan,
                                                  np.float32)])
-        heads = np.broadcast_to(np.arange(hh.shape[1]), pos.shape)
-        prev = past[pos, heads]
-        self._undo.append((layer, before, pos, heads, prev))
+        idx = pos.astype(np.intp)  # (position, head) as a flat index into the C-ordered memory
+        idx *= hh.shape[1]
+        idx += np.arange(hh.shape[1])
+        flat = past.reshape(-1)
+        prev = flat.take(idx)
+        self._undo.append((layer, before, idx, prev))
         out = np.where(np.isnan(prev), hh, self.ema * prev + (1.0 - self.ema) * hh)
-        past[pos, heads] = out
+        flat[idx] = out
         self._past[layer] = past
         return out
