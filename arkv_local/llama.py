@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import numbers
 import os
 import sys
 import tempfile
@@ -71,7 +72,7 @@ class Llama(llama_cpp.Llama):
         kv_slack: int | None = None,
         kv_quant: str = defaults.QUANT,
         kv_rotate: bool = defaults.ROTATE,
-        kv_observe: int = defaults.OBSERVE,
+        kv_observe: int | None = None,
         kv_spill: str | None = defaults.SPILL,
         kv_spill_bytes: int | None = None,
         kv_spill_dir: str | os.PathLike[str] | None = None,
@@ -87,6 +88,10 @@ class Llama(llama_cpp.Llama):
                            kv_spill_bytes=kv_spill_bytes, kv_spill_dir=kv_spill_dir,
                            arkv_tau=arkv_tau, arkv_gamma=arkv_gamma)
         self._n_ctx_given = kwargs.get("n_ctx")  # None: not given (the window then differs)
+        for name in ("kv_budget", "kv_budget_bytes", "kv_window", "kv_sinks", "kv_slack",
+                     "kv_observe", "kv_spill_bytes"):
+            _check_count(name, self._knobs[name])
+        kv_observe = defaults.OBSERVE if kv_observe is None else kv_observe
         path = default_model_path() if model_path is None else check_gguf(model_path)
         policy = make_policy(kv_policy, window=kv_window, sinks=kv_sinks, slack=kv_slack,
                              tau=arkv_tau, gamma=arkv_gamma)
@@ -508,6 +513,12 @@ def _without_oldest_turn(messages: list[Any]) -> list[Any] | None:
     if rest is None:
         return None
     return messages[:first] + messages[rest:]
+
+
+def _check_count(name: str, value: object) -> None:
+    """A knob that counts tokens or bytes is None (its default) or an integer."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
 
 
 def _layer_budget(slot_f16: int, n_layer: int, tokens: int | None, total_bytes: int | None,

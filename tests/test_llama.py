@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,31 @@ def test_non_gguf_file_is_named(tmp_path: Path) -> None:
 def test_unknown_policy_is_named(smollm2: Path) -> None:
     with pytest.raises(ValueError, match="unknown kv_policy 'lru': choose one of full"):
         arkv_local.Llama(smollm2, kv_policy="lru")
+
+
+@pytest.mark.parametrize("knob, value", [("kv_budget", "2048"), ("kv_budget", 512.5),
+                                         ("kv_window", True), ("kv_slack", 64.0),
+                                         ("kv_budget_bytes", "1e6"), ("kv_observe", "32")])
+def test_a_count_that_is_not_an_integer_is_named(smollm2: Path, knob: str, value: object) -> None:
+    # before the model loads; a string or a float reached ctypes, or a comparison, unnamed
+    with pytest.raises(TypeError, match=f"{knob} must be an integer, got {value!r}"):
+        arkv_local.Llama(smollm2, kv_policy="arkv", **{knob: value}, verbose=False)
+
+
+def test_llama_cpp_imported_first_loads_our_library(smollm2: Path) -> None:
+    # a drop-in: code that imports llama_cpp before arkv_local (llama-cpp-python installed as
+    # pure Python has no library of its own; the package's .pth file points it at ours)
+    code = ("import llama_cpp, arkv_local\n"
+            f"llm = arkv_local.Llama({str(smollm2)!r}, kv_policy='arkv', kv_budget=256,"
+            " verbose=False)\n"
+            "print(llm('The capital of France is', max_tokens=4)['usage']['completion_tokens'],"
+            " llama_cpp.llama_cpp._lib._name)")
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=smollm2.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    n, lib = run.stdout.split()
+    assert int(n) > 0 and Path(lib).resolve().parent == arkv_local.arkv_cpp.LIB_DIR.resolve()
 
 
 def test_embedding_mode_under_a_policy_names_the_cause(smollm2: Path) -> None:

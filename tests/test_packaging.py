@@ -20,10 +20,12 @@ def wheel_files() -> list[str]:
 
 
 def check_only_the_package(files: list[str]) -> None:
-    """files (a RECORD of arkv_local's wheel) are the package, its libraries and its scripts."""
+    """files (a RECORD of arkv_local's wheel) are the package, its libraries, its scripts and
+    the .pth file that binds llama_cpp to its libllama."""
     allowed = re.compile(
-        r"arkv_local/|arkv_local-[^/]+\.dist-info/|(\.\./)+bin/arkv-(chat|server)$")
+        r"arkv_local/|arkv_local-[^/]+\.dist-info/|(\.\./)+bin/arkv-(chat|server)$|arkv_local\.pth$")
     assert [f for f in files if not allowed.match(f)] == []
+    assert "arkv_local.pth" in files
     libs = {f.rsplit("/", 1)[1] for f in files if f.startswith("arkv_local/lib/")}
     assert {"libllama.so", "libggml.so", "libggml-base.so"} <= libs or \
         {"libllama.dylib", "libggml.dylib"} <= libs or {"llama.dll", "ggml.dll"} <= libs

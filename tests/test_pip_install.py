@@ -31,11 +31,12 @@ NATIVE = re.compile(r"(lib)?(llama|ggml|mtmd)([-.]\w+)*\.(so|dylib|dll)(\.\d+)*$
 
 pytestmark = pytest.mark.pip_install
 
-# In the new venv, from a directory without the checkout: what got installed, what got loaded.
+# In the new venv, from a directory without the checkout: what got installed, what got loaded
+# (llama_cpp imported first, as code written for it does: the .pth file binds it to ours).
 PROBE = """
 import importlib.metadata as md, json, pathlib
-from arkv_local import Llama
 import llama_cpp.llama_cpp
+from arkv_local import Llama
 llm = Llama(kv_policy="arkv", kv_budget=256, verbose=False)
 out = llm("The capital of France is", max_tokens=8)
 print(json.dumps({
