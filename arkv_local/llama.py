@@ -72,7 +72,7 @@ class Llama(llama_cpp.Llama):
         kv_slack: int | None = None,
         kv_quant: str = defaults.QUANT,
         kv_rotate: bool = defaults.ROTATE,
-        kv_observe: int | None = None,
+        kv_observe: int = defaults.OBSERVE,
         kv_spill: str | None = defaults.SPILL,
         kv_spill_bytes: int | None = None,
         kv_spill_dir: str | os.PathLike[str] | None = None,
@@ -89,9 +89,9 @@ class Llama(llama_cpp.Llama):
                            arkv_tau=arkv_tau, arkv_gamma=arkv_gamma)
         self._n_ctx_given = kwargs.get("n_ctx")  # None: not given (the window then differs)
         for name in ("kv_budget", "kv_budget_bytes", "kv_window", "kv_sinks", "kv_slack",
-                     "kv_observe", "kv_spill_bytes"):
+                     "kv_spill_bytes"):
             _check_count(name, self._knobs[name])
-        kv_observe = defaults.OBSERVE if kv_observe is None else kv_observe
+        _check_count("kv_observe", kv_observe, optional=False)
         path = default_model_path() if model_path is None else check_gguf(model_path)
         policy = make_policy(kv_policy, window=kv_window, sinks=kv_sinks, slack=kv_slack,
                              tau=arkv_tau, gamma=arkv_gamma)
@@ -515,9 +515,11 @@ def _without_oldest_turn(messages: list[Any]) -> list[Any] | None:
     return messages[:first] + messages[rest:]
 
 
-def _check_count(name: str, value: object) -> None:
-    """A knob that counts tokens or bytes is None (its default) or an integer."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+def _check_count(name: str, value: object, optional: bool = True) -> None:
+    """A knob that counts tokens or bytes is an integer, or None (its default) if optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
 
 

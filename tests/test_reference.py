@@ -510,3 +510,64 @@ def test_pools_stay_inside_their_arena_under_cuda_padding(model: str,
             assert e.o_offset == 0 and e.q_offset >= e.o_bytes
             assert e.q_offset + e.q_bytes + cuda_alloc_padding(ne0, 18) <= e.arena_bytes
     assert layouts == [BUDGET, QUANT_CAP_O, 64]
+
+
+# -- the segments path's graph size --------------------------------------------------------------
+
+_GRAPH_OPS = """
+import sys
+import numpy as np
+import arkv_local, llama_cpp
+from arkv_local.bench.gpu import per_head_plan
+from arkv_local.memory import MemoryParams, TriStateKV, open_llama
+from arkv_local.models import f16_slot_bytes
+path, which = sys.argv[1], sys.argv[2]
+ctx = dict(n_ctx=1024, n_batch=512, n_ubatch=512, verbose=True, flash_attn=True, n_threads=2)
+if which == "stock":
+    llm = llama_cpp.Llama(path, **ctx)
+else:
+    params = MemoryParams(512 * f16_slot_bytes(path), rotate=False, attn="segments")
+    llm = open_llama(path, params, **ctx)
+toks = np.random.default_rng(0).integers(0, llm.n_vocab(), 302).tolist()
+llm.eval(toks[:300])
+if which != "stock":
+    mem = TriStateKV(llm.ctx)
+    mem.submit(per_head_plan(mem, np.random.default_rng(1), 60, 180, 128))
+for t in toks[300:]:
+    llm.eval([t])
+"""
+
+
+def _decode_graph_ops(path: str, which: str) -> dict[str, int]:
+    """Nodes by op of the last graph computed (a decoded token's), from GGML_SCHED_DEBUG."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    env = dict(os.environ, GGML_SCHED_DEBUG="2")
+    r = subprocess.run([sys.executable, "-c", _GRAPH_OPS, path, which], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stderr.rsplit("## SPLIT #0", 1)[1]
+    return Counter(line.split("(", 1)[1].split(")", 1)[0].strip()
+                   for line in last.splitlines() if line.startswith("node #"))
+
+
+@pytest.mark.parametrize("n_head", [4, 8])  # 2 KV heads: groups of 2 and 4
+def test_a_decoded_token_over_q_rows_costs_a_known_number_of_graph_nodes(n_head: int) -> None:
+    # on a GPU every node is a kernel launch: the segments path's nodes per layer beyond
+    # llama.cpp's own attention are counted here exactly (store and flash attention are both's).
+    # No copy of a mask window or of the merge weight, the scores' two planes in one sum, added
+    # in place into the accumulators
+    path = str(tiny_model_path("llama", n_layer=2, n_embd=256, n_head=n_head, n_head_kv=2,
+                               n_ff=512))
+    stock, ours = _decode_graph_ops(path, "stock"), _decode_graph_ops(path, "segments")
+    g = n_head // 2
+    per_layer = {"MUL_MAT": 2,      # logits over LO rows and over O rows
+                 "CONCAT": 2,       # the logits; p beside p^2
+                 "SOFT_MAX": 1, "SUM_ROWS": 1,  # probabilities, LO's share of them (merge weight)
+                 "SQR": 1, "ADD": g - 1 + 2 + 1,  # group sums, LO and O accumulators, merge
+                 "CONT": 1,         # keys' sums as rows
+                 "FLASH_ATTN": 1, "SUB": 1, "MUL": 1}  # the second segment, the merge
+    extra = {op: ours.get(op, 0) - stock.get(op, 0) for op in set(ours) | set(stock)}
+    assert {op: n for op, n in extra.items() if n} == {op: 2 * n for op, n in per_layer.items()}

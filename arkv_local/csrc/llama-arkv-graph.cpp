@@ -22,6 +22,12 @@
 static constexpr uint32_t ARKV_N_KV_PAD = 256; // rows read are padded: graphs can be reused, ggml-cuda's FA vector kernel needs it
 static constexpr int64_t ARKV_DECODE_MAX_TOKENS = 8; // larger ubatches amortize dequantizing into f16
 
+// a view as it is where its rows are contiguous (one row: a decoded token's mask), else a contiguous copy: a
+// graph node fewer per use while decoding
+static ggml_tensor * cont_if_needed(ggml_context * ctx, ggml_tensor * t) {
+    return ggml_is_contiguous(t) ? t : ggml_cont(ctx, t);
+}
+
 // a pool's padded row count for n rows in use
 static uint32_t arkv_pad_rows(uint32_t n, uint32_t cap) {
     return std::min(cap, std::max(n, GGML_PAD(n, ARKV_N_KV_PAD)));
@@ -332,8 +338,9 @@ ggml_tensor * llama_kv_cache_arkv::build_probs(ggml_context * ctx0, ggml_tensor 
 }
 
 // heavy-hitter statistics: p [n_kv, n_sel, n_head] summed over the queries and the GQA group into the accumulators.
-// The group's heads are added as G strided views, then one 2D transpose makes each key's sums a row [query][KV head]:
-// the GPU kernels for these are coalesced (for a 4-D permute, or sums of rows of G values, they are not)
+// p and p^2 side by side as 2H heads, the group's heads added as G strided views, then one 2D transpose makes each
+// key's sums a row [query][sum of p of each KV head, then of p^2]: the GPU kernels for these are coalesced (for a
+// 4-D permute, or sums of rows of G values, they are not), and one in-place add per pool takes both planes
 void llama_kv_cache_arkv::build_scores(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, const view & v,
                                        ggml_tensor * p) const {
     const int64_t H = n_head_kv_;
@@ -343,38 +350,33 @@ void llama_kv_cache_arkv::build_scores(ggml_context * ctx0, ggml_cgraph * gf, co
     if (!ggml_is_contiguous(p)) {
         p = ggml_cont(ctx0, p);
     }
-    p = ggml_reshape_4d(ctx0, p, n_kv, n_sel, G, H);
-    auto group_sum = [&](ggml_tensor * x) {                                // [H, n_kv]
-        ggml_tensor * s = nullptr;
-        for (int64_t g = 0; g < G; ++g) {
-            ggml_tensor * xg = ggml_view_3d(ctx0, x, n_kv, n_sel, H, x->nb[1], x->nb[3], g*x->nb[2]);
-            s = s ? ggml_add(ctx0, s, xg) : xg;
-        }
-        if (!ggml_is_contiguous(s)) {
-            s = ggml_cont(ctx0, s);                                         // G == 1
-        }
-        s = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_2d(ctx0, s, n_kv, n_sel*H))); // [n_sel*H, n_kv]
-        if (n_sel > 1) {
-            s = ggml_sum_rows(ctx0, ggml_reshape_3d(ctx0, s, n_sel, H, n_kv));
-        }
-        return ggml_reshape_2d(ctx0, s, H, n_kv);
-    };
-    ggml_tensor * s1 = group_sum(p);
-    ggml_tensor * s2 = group_sum(ggml_sqr(ctx0, p));
-    auto accumulate = [&](ggml_tensor * acc, ggml_tensor * s, size_t plane, int64_t col0, int64_t n) {
+    ggml_tensor * pp = ggml_concat(ctx0, ggml_reshape_4d(ctx0, p, n_kv, n_sel, G, H),
+                                   ggml_reshape_4d(ctx0, ggml_sqr(ctx0, p), n_kv, n_sel, G, H), 3); // [n_kv, n_sel, G, 2H]
+    ggml_tensor * s = nullptr;                                              // [n_kv, n_sel, 2H]
+    for (int64_t g = 0; g < G; ++g) {
+        ggml_tensor * pg = ggml_view_3d(ctx0, pp, n_kv, n_sel, 2*H, pp->nb[1], pp->nb[3], g*pp->nb[2]);
+        s = s ? ggml_add(ctx0, s, pg) : pg;
+    }
+    if (!ggml_is_contiguous(s)) {
+        s = ggml_cont(ctx0, s);                                             // G == 1
+    }
+    s = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_2d(ctx0, s, n_kv, n_sel*2*H))); // [n_sel*2H, n_kv]
+    if (n_sel > 1) {
+        s = ggml_sum_rows(ctx0, ggml_reshape_3d(ctx0, s, n_sel, 2*H, n_kv));
+    }
+    s = ggml_reshape_2d(ctx0, s, 2*H, n_kv);
+    // a pool's accumulators [H, cap, 2] (sums, then sums of squares) += its keys' columns [col0, col0 + n) of s
+    auto accumulate = [&](ggml_tensor * acc, int64_t col0, int64_t n) {
         if (n == 0) {
             return;
         }
-        ggml_tensor * dst = ggml_view_2d(ctx0, acc, H, n, acc->nb[1], plane*acc->nb[2]);
-        ggml_tensor * add = ggml_view_2d(ctx0, s, H, n, s->nb[1], col0*s->nb[1]);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_add(ctx0, dst, add), dst));
+        ggml_tensor * dst = ggml_view_3d(ctx0, acc, H, n, 2, acc->nb[1], acc->nb[2], 0);
+        ggml_tensor * add = ggml_view_3d(ctx0, s, H, n, 2, s->nb[1], H*ggml_element_size(s), col0*s->nb[1]);
+        ggml_build_forward_expand(gf, ggml_add_inplace(ctx0, dst, add));
     };
-    accumulate(l.acc_lo, s1, 0, 0, v.n_lo);
-    accumulate(l.acc_lo, s2, 1, 0, v.n_lo);
-    accumulate(l.acc_s, s1, 0, v.n_lo, v.n_s);
-    accumulate(l.acc_s, s2, 1, v.n_lo, v.n_s);
-    accumulate(l.acc_o, s1, 0, v.n_lo + v.n_s, v.n_o_pad);
-    accumulate(l.acc_o, s2, 1, v.n_lo + v.n_s, v.n_o_pad);
+    accumulate(l.acc_lo, 0, v.n_lo);
+    accumulate(l.acc_s, v.n_lo, v.n_s);
+    accumulate(l.acc_o, v.n_lo + v.n_s, v.n_o_pad);
 }
 
 // two flash attentions, over the LO rows as they lie (ggml-cuda's and Metal's vector kernels read q4_0) and
@@ -393,7 +395,8 @@ ggml_tensor * llama_kv_cache_arkv::build_attn_segments(ggml_context * ctx0, ggml
                                   mask, kq_scale, n_tokens);                // [n_kv, n_tokens, n_head]
     ggml_tensor * p_lo = ggml_view_3d(ctx0, p, v.n_lo, n_tokens, n_head, p->nb[1], p->nb[2], 0);
     ggml_tensor * w_lo = ggml_sum_rows(ctx0, p_lo);                            // [1, n_tokens, n_head]
-    w_lo = ggml_cont(ctx0, ggml_permute(ctx0, w_lo, 0, 2, 1, 3));             // [1, n_head, n_tokens]
+    w_lo = n_tokens == 1 ? ggml_reshape_3d(ctx0, w_lo, 1, n_head, 1)          // [1, n_head, n_tokens]
+                         : ggml_cont(ctx0, ggml_permute(ctx0, w_lo, 0, 2, 1, 3));
     if (n_sel > 0) {
         build_scores(ctx0, gf, l, v, ggml_view_3d(ctx0, p, p->ne[0], n_sel, n_head, p->nb[1], p->nb[2],
                                                   (n_tokens - n_sel)*p->nb[1]));
@@ -403,8 +406,8 @@ ggml_tensor * llama_kv_cache_arkv::build_attn_segments(ggml_context * ctx0, ggml
     ggml_tensor * m_lo = ggml_view_2d(ctx0, inp->lo_mask, v.n_lo_pad, n_tokens, inp->lo_mask->nb[1],
                                      (inp->lay.n_lo_max - v.n_lo)*ggml_element_size(inp->lo_mask));
     ggml_tensor * m_o = ggml_view_2d(ctx0, mask, v.n_o_pad, n_tokens, mask->nb[1], v.n_lo*ggml_element_size(mask));
-    m_lo = ggml_cont(ctx0, m_lo);
-    m_o = mask->type == GGML_TYPE_F16 ? ggml_cont(ctx0, m_o) : ggml_cast(ctx0, m_o, GGML_TYPE_F16);
+    m_lo = cont_if_needed(ctx0, m_lo);
+    m_o = mask->type == GGML_TYPE_F16 ? cont_if_needed(ctx0, m_o) : ggml_cast(ctx0, m_o, GGML_TYPE_F16);
 
     ggml_tensor * q = ggml_permute(ctx0, q_cur, 0, 2, 1, 3);                // [D, n_tokens, n_head]
     auto fa = [&](ggml_tensor * k, ggml_tensor * vv, ggml_tensor * m) {
@@ -462,7 +465,7 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
     // this layer's window of the shared mask (the mask ops need it contiguous)
     ggml_tensor * mask = inp->self_kq_mask;
     if (v.start != 0 || n_kv != mask->ne[0]) {
-        mask = ggml_cont(ctx0, ggml_view_2d(ctx0, mask, n_kv, n_tokens, mask->nb[1], v.start*ggml_element_size(mask)));
+        mask = cont_if_needed(ctx0, ggml_view_2d(ctx0, mask, n_kv, n_tokens, mask->nb[1], v.start*ggml_element_size(mask)));
     }
 
     if (path == ATTN_SEGMENTS) {
