@@ -557,8 +557,8 @@ def _decode_graph_ops(path: str, which: str) -> dict[str, int]:
 def test_a_decoded_token_over_q_rows_costs_a_known_number_of_graph_nodes(n_head: int) -> None:
     # on a GPU every node is a kernel launch: the segments path's nodes per layer beyond
     # llama.cpp's own attention are counted here exactly (store and flash attention are both's).
-    # No copy of a mask window or of the merge weight, the scores' two planes in one sum, added
-    # in place into the accumulators
+    # No copy of the merge weight, the scores' two planes in one sum, added in place into the
+    # accumulators; the two masks are copies (aligned, as ggml-cuda's flash attention wants them)
     path = str(tiny_model_path("llama", n_layer=2, n_embd=256, n_head=n_head, n_head_kv=2,
                                n_ff=512))
     stock, ours = _decode_graph_ops(path, "stock"), _decode_graph_ops(path, "segments")
@@ -567,7 +567,7 @@ def test_a_decoded_token_over_q_rows_costs_a_known_number_of_graph_nodes(n_head:
                  "CONCAT": 2,       # the logits; p beside p^2
                  "SOFT_MAX": 1, "SUM_ROWS": 1,  # probabilities, LO's share of them (merge weight)
                  "SQR": 1, "ADD": g - 1 + 2 + 1,  # group sums, LO and O accumulators, merge
-                 "CONT": 1,         # keys' sums as rows
+                 "CONT": 3,         # keys' sums as rows; the two segments' masks
                  "FLASH_ATTN": 1, "SUB": 1, "MUL": 1}  # the second segment, the merge
     extra = {op: ours.get(op, 0) - stock.get(op, 0) for op in set(ours) | set(stock)}
     assert {op: n for op, n in extra.items() if n} == {op: 2 * n for op, n in per_layer.items()}

@@ -22,12 +22,6 @@
 static constexpr uint32_t ARKV_N_KV_PAD = 256; // rows read are padded: graphs can be reused, ggml-cuda's FA vector kernel needs it
 static constexpr int64_t ARKV_DECODE_MAX_TOKENS = 8; // larger ubatches amortize dequantizing into f16
 
-// a view as it is where its rows are contiguous (one row: a decoded token's mask), else a contiguous copy: a
-// graph node fewer per use while decoding
-static ggml_tensor * cont_if_needed(ggml_context * ctx, ggml_tensor * t) {
-    return ggml_is_contiguous(t) ? t : ggml_cont(ctx, t);
-}
-
 // a pool's padded row count for n rows in use
 static uint32_t arkv_pad_rows(uint32_t n, uint32_t cap) {
     return std::min(cap, std::max(n, GGML_PAD(n, ARKV_N_KV_PAD)));
@@ -406,8 +400,10 @@ ggml_tensor * llama_kv_cache_arkv::build_attn_segments(ggml_context * ctx0, ggml
     ggml_tensor * m_lo = ggml_view_2d(ctx0, inp->lo_mask, v.n_lo_pad, n_tokens, inp->lo_mask->nb[1],
                                      (inp->lay.n_lo_max - v.n_lo)*ggml_element_size(inp->lo_mask));
     ggml_tensor * m_o = ggml_view_2d(ctx0, mask, v.n_o_pad, n_tokens, mask->nb[1], v.n_lo*ggml_element_size(mask));
-    m_lo = cont_if_needed(ctx0, m_lo);
-    m_o = mask->type == GGML_TYPE_F16 ? cont_if_needed(ctx0, m_o) : ggml_cast(ctx0, m_o, GGML_TYPE_F16);
+    // copies, also of one row: ggml-cuda's flash attention takes its GQA-optimized kernels only for masks whose
+    // strides are multiples of 16 bytes, and reads them from an aligned start (a window of the shared mask is neither)
+    m_lo = ggml_cont(ctx0, m_lo);
+    m_o = mask->type == GGML_TYPE_F16 ? ggml_cont(ctx0, m_o) : ggml_cast(ctx0, m_o, GGML_TYPE_F16);
 
     ggml_tensor * q = ggml_permute(ctx0, q_cur, 0, 2, 1, 3);                // [D, n_tokens, n_head]
     auto fa = [&](ggml_tensor * k, ggml_tensor * vv, ggml_tensor * m) {
@@ -465,7 +461,7 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
     // this layer's window of the shared mask (the mask ops need it contiguous)
     ggml_tensor * mask = inp->self_kq_mask;
     if (v.start != 0 || n_kv != mask->ne[0]) {
-        mask = cont_if_needed(ctx0, ggml_view_2d(ctx0, mask, n_kv, n_tokens, mask->nb[1], v.start*ggml_element_size(mask)));
+        mask = ggml_cont(ctx0, ggml_view_2d(ctx0, mask, n_kv, n_tokens, mask->nb[1], v.start*ggml_element_size(mask)));
     }
 
     if (path == ATTN_SEGMENTS) {
