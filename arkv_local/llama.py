@@ -157,7 +157,7 @@ class Llama(llama_cpp.Llama):
         self._n_ctx_train = shape.n_ctx_train
         kv = TriStateKV(self.ctx)
         self._tailor = Tailor(kv, policy, params, llama_cpp.llama_model_n_head(self.model),
-                              recall_tokens=kv_observe)
+                              recall_tokens=kv_observe, threads=self.n_threads_batch)
 
     def eval(self, tokens: Sequence[int]) -> None:
         """As llama_cpp.Llama.eval; with a policy, the cache is tailored to its budget as the

@@ -47,11 +47,13 @@ class KVStats:
 class Tailor:
     """Keeps one sequence's cache within its budget: before each decode it makes room (a plan
     from the policy) when the new tokens would not fit, and it measures ARKV's prefill
-    statistics on the first prompt. What the policy learns lives in `session`."""
+    statistics on the first prompt. What the policy learns lives in `session`. Plans take
+    `threads` threads (llama.cpp's own wait for them)."""
 
     def __init__(self, kv: TriStateKV, policy: Policy, params: MemoryParams, n_head: int,
-                 recall_tokens: int = 0) -> None:
+                 recall_tokens: int = 0, threads: int = 1) -> None:
         self.kv = kv
+        self.threads = threads
         self.params = params
         self.session = Session(policy, kv.n_layer)
         self.budget = Budget(params.budget_bytes, kv.slot_bytes_o, kv.slot_bytes_q,
@@ -118,7 +120,7 @@ class Tailor:
         rows: a layer's heads hold equal counts."""
         caps_o = [info.cap_o for info in self.kv.layers()]
         self._apply(self.policy.drop_plan(self.view(pos_max), caps_o,
-                                          (n_keep, n_keep + n_discard)))
+                                          (n_keep, n_keep + n_discard), threads=self.threads))
         self.kv.shift(n_keep, n_discard)
         self.policy.shift(n_keep, n_discard)
         self.session.n_shifts += 1
@@ -136,7 +138,8 @@ class Tailor:
             self.kv.apply()
             if not self._heads_lose_alike(n):
                 caps_o = [info.cap_o for info in self.kv.layers()]
-                self._apply(self.policy.drop_plan(self.view(pos_max), caps_o, (n, pos_max + 1)))
+                self._apply(self.policy.drop_plan(self.view(pos_max), caps_o, (n, pos_max + 1),
+                                                  threads=self.threads))
         if not self.kv.cut(n, exact):
             return False
         self.policy.shift(n, pos_max + 1 - n)  # what it remembers of the tail's positions goes
@@ -158,7 +161,7 @@ class Tailor:
         self.end_of_prompt()
         s = self.session
         view = self.view(pos_max, recall)
-        self._apply(s.policy.plan(view, self.budget, room))
+        self._apply(s.policy.plan(view, self.budget, room, threads=self.threads))
         s.ratios = np.clip(np.asarray(s.policy.ratios(view), np.float64), 0.0, 1.0)
         s.n_tailorings += 1
         s.tailoring_seconds += time.perf_counter() - t0

@@ -182,8 +182,8 @@ class NamesAGhostSlot(Policy):
     def scores(self, view: KVView, layer: int) -> np.ndarray:
         return view.layers[layer].pos * 1.0
 
-    def plan(self, view: KVView, budget: object, room: int) -> list[LayerPlan]:
-        plans = super().plan(view, budget, room)  # type: ignore[arg-type]
+    def plan(self, view: KVView, budget: object, room: int, **kw: int) -> list[LayerPlan]:
+        plans = super().plan(view, budget, room, **kw)  # type: ignore[arg-type]
         plans[0].o_src[0, 0] = 10**6
         return plans
 

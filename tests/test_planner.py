@@ -205,3 +205,49 @@ def test_smallest_takes_exact_counts_in_key_order_even_with_repeated_keys(seed: 
             assert key[h, a].max() <= key[h, b].min()
         if len(rest) and (len(a) or len(b)):
             assert key[h, np.concatenate([a, b])].max() <= rest.min()
+
+
+@pytest.mark.parametrize("policy", ["arkv", "h2o", "quant", "window"])
+def test_plans_on_threads_equal_plans_on_one(policy: str) -> None:
+    # layers large enough to be planned on threads (ARKV's memory of earlier scores included):
+    # each plan, and what undoing the last leaves, the same array for array as on one thread
+    import threading
+
+    from arkv_local.policies import make_policy
+    from arkv_local.policies.base import _ROWS_PER_THREAD
+    from arkv_local.policies.types import KVView
+
+    rng = np.random.default_rng(7)
+    n_layer, heads, slot_o, slot_q = 4, 8, 4096, 1152
+    one, many = make_policy(policy), make_policy(policy)
+    names: set[str] = set()
+    scores = many.scores
+
+    def scored_on(view: KVView, layer: int) -> np.ndarray:
+        names.add(threading.current_thread().name)
+        return scores(view, layer)
+
+    many.scores = scored_on  # type: ignore[method-assign]
+    for n in (_ROWS_PER_THREAD // heads + 500, _ROWS_PER_THREAD // heads + 900):
+        pos = np.repeat(np.arange(n, dtype=np.int32)[:, None], heads, 1)
+        layers = []
+        for _ in range(n_layer):
+            m_o = rng.random((n - 300, heads), np.float32)
+            m_q = rng.random((300, heads), np.float32)
+            layers.append(LayerView(pos[:-300], pos[-300:], m_o, m_o**2, m_q, m_q**2))
+        view = KVView(layers, n_queries=32, group=4, stats=rng.random((n_layer, 3)),
+                      pos_max=n - 1, n_positions=4096)
+        budget = Budget(n // 2 * slot_o, slot_o, slot_q)
+        for a, b in zip(one.plan(view, budget, 64), many.plan(view, budget, 64, threads=3),
+                        strict=True):
+            assert a.cap_o == b.cap_o
+            for name in ("o_src", "o_from", "q_src", "q_from", "s_src", "s_from"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert len(names) == 3 and all(x.startswith("arkv-plan") for x in names)
+    one.planned(False)
+    many.planned(False)
+    assert one.snapshot().keys() == many.snapshot().keys()
+    for a, b in zip(getattr(one, "_past", []), getattr(many, "_past", []), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        one.plan(view, budget, 64, threads=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -26,9 +27,11 @@ from arkv_local.policies.types import POOL_O, POOL_Q, POOL_S, Budget, KVView, La
 
 
 def simulate(policy: str, depth: int, fraction: float, n_layer: int, n_head_kv: int,
-             head_dim: int, n_decode: int = 0, slack: int = 0, seed: int = 0) -> dict[str, Any]:
+             head_dim: int, n_decode: int = 0, slack: int = 0, seed: int = 0,
+             threads: int = 1) -> dict[str, Any]:
     """Read `depth` tokens under `policy` at `fraction` of the f16 bytes, then decode
-    `n_decode`; the plans' times. slack: the policy's (0: Llama's default for the budget)."""
+    `n_decode`; the plans' times. slack: the policy's (0: Llama's default for the budget);
+    threads: the plans' (1 is also how an older checkout's policies, which take no count, plan)."""
     rng = np.random.default_rng(seed)
     pol = make_policy(policy)
     assert pol is not None, "a policy that plans"
@@ -50,7 +53,7 @@ def simulate(policy: str, depth: int, fraction: float, n_layer: int, n_head_kv: 
             view = _view(pools, rng, stats, n_read - 1, depth + n_decode,
                          min(chunk, defaults.OBSERVE) if prompt else pol.slack)
             t0 = time.perf_counter()
-            plan = pol.plan(view, budget, n)
+            plan = pol.plan(view, budget, n, **({"threads": threads} if threads > 1 else {}))
             times.append(time.perf_counter() - t0)
             n_prompt_plans += prompt
             pol.planned(True)
@@ -62,6 +65,7 @@ def simulate(policy: str, depth: int, fraction: float, n_layer: int, n_head_kv: 
     last = pools[0]
     prompt, decode = times[:n_prompt_plans], times[n_prompt_plans:]
     return dict(policy=policy, depth=depth, fraction=fraction, chunk=chunk, slack=pol.slack,
+                threads=threads,
                 plans=len(prompt),
                 prompt_s=round(sum(prompt), 3), last_prompt_ms=round(1e3 * prompt[-1], 1),
                 decode_plans=len(decode),
@@ -110,6 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", type=int, default=0, help="tokens decoded after the prompt")
     p.add_argument("--slack", type=int, default=0,
                    help="the policy's slack (default: Llama's for the budget)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="plan threads (default: Llama's, n_threads_batch: every core)")
 
 
 def plans(args: argparse.Namespace) -> None:
@@ -117,7 +123,8 @@ def plans(args: argparse.Namespace) -> None:
     for depth in args.depths:
         for policy in args.policies:
             print(json.dumps(simulate(policy, depth, args.fraction, args.layers, args.heads,
-                                      args.head_dim, args.decode, args.slack)), flush=True)
+                                      args.head_dim, args.decode, args.slack,
+                                      threads=args.threads)), flush=True)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,15 @@ class HeavyHitter(Policy):
             self._past[layer] = before
         self._undo = []
 
+    def prepare(self, view: KVView) -> None:
+        if self.ema > 0.0 and view.layers:  # then each layer's scoring grows its own memory
+            self._memories(len(view.layers), view.layers[0].pos_o.shape[1])
+
+    def _memories(self, n_layer: int, n_head_kv: int) -> None:
+        """A memory (empty until scored) for each of n_layer layers."""
+        self._past += [np.full((0, n_head_kv), np.nan, np.float32)
+                       for _ in range(n_layer - len(self._past))]
+
     def snapshot(self) -> dict[str, Any]:
         return {"past": [array_to_data(p) for p in self._past]}
 
@@ -77,8 +86,7 @@ class HeavyHitter(Policy):
                   n_positions: int) -> np.ndarray:
         """Blend with the scores of the last tailoring, by position (NaN: not scored yet). The
         memory is made for the whole window at once, so that it does not grow as a chat goes."""
-        while len(self._past) <= layer:
-            self._past.append(np.full((0, hh.shape[1]), np.nan, np.float32))
+        self._memories(layer + 1, hh.shape[1])  # scored alone (plans called prepare())
         past = before = self._past[layer]
         if not past.flags.c_contiguous:  # written through a flat view below
             past = np.ascontiguousarray(past)
