@@ -571,3 +571,57 @@ def test_a_decoded_token_over_q_rows_costs_a_known_number_of_graph_nodes(n_head:
                  "FLASH_ATTN": 1, "SUB": 1, "MUL": 1}  # the second segment, the merge
     extra = {op: ours.get(op, 0) - stock.get(op, 0) for op in set(ours) | set(stock)}
     assert {op: n for op, n in extra.items() if n} == {op: 2 * n for op, n in per_layer.items()}
+
+
+class _Tensor(ctypes.Structure):
+    """The head of ggml.h's struct ggml_tensor, up to its name (what an eval callback reads)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int),
+                ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+                ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p),
+                ("name", ctypes.c_char * 64)]
+
+
+def test_a_prompt_over_q_rows_reads_keys_in_multiples_of_16(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the dequant path (a prompt's ubatches) hands llama.cpp's attention [LO | O | tail] rows: on
+    # the CPU, llamafile's GEMMs take KQ and KQV only for key counts that are multiples of 4 and
+    # 16 (else a dot product per element, 1.4x slower at 6k tokens). 181 LO rows + 128 O rows:
+    # 11 hidden tail rows. The logits stay the numpy reference's (the tests above)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def record(t: int, ask: bool, _: int) -> bool:
+        if not ask:
+            node = _Tensor.from_address(t)
+            shapes[node.name.decode()] = tuple(node.ne)
+        return True
+
+    init = llama_cpp.llama_cpp.llama_init_from_model
+
+    def with_callback(model: object, params: llama_cpp.llama_context_params) -> object:
+        params.cb_eval = record
+        return init(model, params)
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_init_from_model", with_callback)
+    path = str(tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512))
+    params = MemoryParams(512 * model_shape(path).f16_slot_bytes, rotate=False)
+    llm = open_llama(path, params, n_ctx=1024, n_batch=512, n_ubatch=512, verbose=False,
+                     flash_attn=False, n_threads=2)
+    from arkv_local.bench.gpu import per_head_plan
+
+    toks = np.random.default_rng(0).integers(0, llm.n_vocab(), 340).tolist()
+    llm.eval(toks[:300])
+    mem = TriStateKV(llm.ctx)
+    mem.submit(per_head_plan(mem, np.random.default_rng(1), 60, 181, 128))
+    mem.apply()
+    mem.set_prompt(True)
+    shapes.clear()
+    llm.eval(toks[300:340])
+    assert [(i.n_o, i.n_q) for i in mem.layers()] == [(100, 181)] * 2
+    for il in (0, 1):
+        n_kv = shapes[f"kq-{il}"][0]  # [n_kv, n_tokens, n_head]
+        assert n_kv == 181 + 128 + 11, (il, n_kv)
+        assert shapes[f"kqv-{il}"][:2] == (64, 40)

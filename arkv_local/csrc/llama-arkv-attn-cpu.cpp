@@ -589,6 +589,26 @@ void row_final(const part_view & pv, int64_t n_chunk, int64_t r, float & m, floa
     }
 }
 
+// KV head hk's sums of p and p^2 over keys [k0, k1) (t1, t2) into the accumulators of their pools: dst's
+// src[1] acc_o[, acc_lo][, acc_s], keys [LO rows | S rows | O rows]
+void add_to_accumulators(const ggml_tensor * dst, const llama_arkv_attn_params * p, int64_t hk, int64_t k0, int64_t k1,
+                         const float * t1, const float * t2) {
+    ggml_tensor * acc_o  = dst->src[1];
+    ggml_tensor * acc_lo = p->n_lo > 0 ? dst->src[2] : nullptr;
+    ggml_tensor * acc_s  = p->n_s > 0 ? dst->src[p->n_lo > 0 ? 3 : 2] : nullptr;
+    for (int64_t j = k0; j < k1; ++j) {
+        const float s1 = t1[j - k0];
+        if (s1 == 0.0f) {
+            continue; // hidden to every scored query (padding slots included: nothing is written there)
+        }
+        ggml_tensor * acc = j < p->n_lo ? acc_lo : j < p->n_lo + p->n_s ? acc_s : acc_o;
+        const int64_t slot = j < p->n_lo ? j : j < p->n_lo + p->n_s ? j - p->n_lo : j - p->n_lo - p->n_s;
+        char * a = (char *) acc->data + hk*acc->nb[0] + slot*acc->nb[1];
+        *(float *) a += s1;
+        *(float *) (a + acc->nb[2]) += t2[j - k0];
+    }
+}
+
 // the scored queries' attention probabilities, summed over them and the GQA group, into the accumulators
 // (src[1] acc_o[, acc_lo][, acc_s]): p = exp(s - M_c) * exp(M_c - m)/l, the second factor once per chunk and
 // row; every thread needs those factors; keys are split over threads
@@ -601,10 +621,7 @@ void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, cons
     const int64_t n_kv   = p->n_lo + p->n_s + p->n_o;
     const int64_t sel0   = n_tok - p->n_sel;
     const int64_t n_scored = p->n_sel*n_head;
-    ggml_tensor * acc_o  = dst->src[1];
-    ggml_tensor * acc_lo = p->n_lo > 0 ? dst->src[2] : nullptr;
-    ggml_tensor * acc_s  = p->n_s > 0 ? dst->src[p->n_lo > 0 ? 3 : 2] : nullptr;
-    const int64_t H = acc_o->ne[0];
+    const int64_t H = dst->src[1]->ne[0];
     const int64_t G = n_head/H;
     const float * probs = pv.m(p->n_chunk);
 
@@ -651,17 +668,7 @@ void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, cons
                 }
             }
         }
-        for (int64_t j = k0; j < k1; ++j) {
-            const float s1 = sc.t1[j - k0];
-            if (s1 == 0.0f) {
-                continue; // hidden to every scored query (padding slots included: nothing is written there)
-            }
-            ggml_tensor * acc = j < p->n_lo ? acc_lo : j < p->n_lo + p->n_s ? acc_s : acc_o;
-            const int64_t slot = j < p->n_lo ? j : j < p->n_lo + p->n_s ? j - p->n_lo : j - p->n_lo - p->n_s;
-            char * a = (char *) acc->data + hk*acc->nb[0] + slot*acc->nb[1];
-            *(float *) a += s1;
-            *(float *) (a + acc->nb[2]) += sc.t2[j - k0];
-        }
+        add_to_accumulators(dst, p, hk, k0, k1, sc.t1.data(), sc.t2.data());
     }
 }
 
@@ -694,7 +701,60 @@ void arkv_attn_combine(ggml_tensor * dst, int ith, int nth, void * userdata) {
     accumulate_scores(dst, p, pv, ith, nth);
 }
 
+//
+// scores of llama.cpp's attention (a prompt's ubatches)
+//
+
+// src: p [n_kv_p, n_sel, n_head] (F32, contiguous), acc_o[, acc_lo][, acc_s]: p and p^2 summed over the queries
+// and the GQA group in one pass (keys split over threads), as accumulate_scores does for the fused attention
+void arkv_scores(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const auto * p = (const llama_arkv_attn_params *) userdata;
+    const ggml_tensor * probs = dst->src[0];
+    const int64_t n_sel  = probs->ne[1];
+    const int64_t n_head = probs->ne[2];
+    const int64_t H = dst->src[1]->ne[0];
+    const int64_t G = n_head/H;
+    const int64_t n_kv = p->n_lo + p->n_s + p->n_o;
+    const int64_t k0 = n_kv*ith/nth;
+    const int64_t k1 = n_kv*(ith + 1)/nth;
+    if (k0 >= k1) {
+        return;
+    }
+    std::vector<float> t1(k1 - k0), t2(k1 - k0);
+    for (int64_t hk = 0; hk < H; ++hk) {
+        std::fill(t1.begin(), t1.end(), 0.0f);
+        std::fill(t2.begin(), t2.end(), 0.0f);
+        for (int64_t ts = 0; ts < n_sel; ++ts) {
+            for (int64_t h = hk*G; h < (hk + 1)*G; ++h) {
+                const float * pr = (const float *) ((const char *) probs->data + ts*probs->nb[1] + h*probs->nb[2]) + k0;
+                for (int64_t j = 0; j < k1 - k0; ++j) {
+                    t1[j] += pr[j];
+                    t2[j] += pr[j]*pr[j];
+                }
+            }
+        }
+        add_to_accumulators(dst, p, hk, k0, k1, t1.data(), t2.data());
+    }
+}
+
 } // namespace
+
+ggml_tensor * llama_arkv_scores_cpu(ggml_context * ctx, ggml_tensor * probs, const llama_arkv_attn_rows & lo,
+                                    const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o,
+                                    llama_arkv_attn_params * p) {
+    GGML_ASSERT(probs->type == GGML_TYPE_F32 && ggml_is_contiguous(probs));
+    GGML_ASSERT(probs->ne[0] >= p->n_lo + p->n_s + p->n_o && probs->ne[2] % o.acc->ne[0] == 0);
+    GGML_ASSERT(o.acc && (p->n_lo == 0 || lo.acc) && (p->n_s == 0 || s.acc));
+    ggml_tensor * args[4] = { probs, o.acc };
+    int n = 2;
+    if (p->n_lo > 0) {
+        args[n++] = lo.acc;
+    }
+    if (p->n_s > 0) {
+        args[n++] = s.acc;
+    }
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, n, arkv_scores, GGML_N_TASKS_MAX, p);
+}
 
 ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, const llama_arkv_attn_rows & lo,
                                   const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o, ggml_tensor * mask,
@@ -760,6 +820,11 @@ bool llama_arkv_attn_cpu_available() {
 ggml_tensor * llama_arkv_attn_cpu(ggml_context *, ggml_tensor *, const llama_arkv_attn_rows &, const llama_arkv_attn_rows &,
                                   const llama_arkv_attn_rows &, ggml_tensor *, llama_arkv_attn_params *) {
     GGML_ABORT("arkv: the fused CPU attention is not built in");
+}
+
+ggml_tensor * llama_arkv_scores_cpu(ggml_context *, ggml_tensor *, const llama_arkv_attn_rows &, const llama_arkv_attn_rows &,
+                                    const llama_arkv_attn_rows &, llama_arkv_attn_params *) {
+    GGML_ABORT("arkv: the CPU scores are not built in");
 }
 
 #endif

@@ -10,6 +10,9 @@
 // rows in integers against the query quantized once to q8_0 (the key's nibbles unpacked once per GQA
 // group), V rows dequantized with SIMD into a small buffer and added in groups of keys. Where the time
 // goes: docs/PROFILE.md.
+//
+// A third op adds the probabilities of llama.cpp's attention (a prompt's ubatches over host pools) to the
+// accumulators in one pass, as the combine pass does.
 
 #pragma once
 
@@ -46,3 +49,11 @@ struct llama_arkv_attn_rows {
 ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, const llama_arkv_attn_rows & lo,
                                   const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o, ggml_tensor * mask,
                                   llama_arkv_attn_params * p);
+
+// the scored queries' attention probabilities probs (F32 [>= n_lo + n_s + n_o, n_sel, n_head], contiguous; keys
+// [LO rows | S rows | O rows], later columns ignored) summed over the queries and the GQA group into the
+// accumulators of lo, s and o, in one pass (llama.cpp's attention over host pools: a prompt's ubatches). Uses
+// p's n_lo, n_s and n_o. A graph node to expand; its F32 [1] result is unused
+ggml_tensor * llama_arkv_scores_cpu(ggml_context * ctx, ggml_tensor * probs, const llama_arkv_attn_rows & lo,
+                                    const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o,
+                                    llama_arkv_attn_params * p);

@@ -17,10 +17,18 @@
 //   set_rows (F32 -> F32 / F16 / Q4_0 / Q4_1 / Q8_0), get_rows (F16 / quant -> F32, I32 idxs), pad (F32),
 //   cast (F32 -> F16), concat (F16, F32), cont, mul_mat, soft_max_ext, sqr, sum_rows, sum, add, sub, mul,
 //   div, scale, scale_bias, log, clamp, cpy (F32)
-// and, for pools in host memory only, the two custom ops of the fused decode attention (llama-arkv-attn-cpu.h)
+// and, for pools in host memory only, the two custom ops of the fused decode attention and the scores op of a
+// prompt's ubatches (llama-arkv-attn-cpu.h)
 
 static constexpr uint32_t ARKV_N_KV_PAD = 256; // rows read are padded: graphs can be reused, ggml-cuda's FA vector kernel needs it
+static constexpr uint32_t ARKV_DEQ_ALIGN = 16; // rows the dequant path reads: llamafile's tinyBLAS (CPU) takes only
+                                              // products whose key count is a multiple of 16 (KQV) or 4 (KQ)
 static constexpr int64_t ARKV_DECODE_MAX_TOKENS = 8; // larger ubatches amortize dequantizing into f16
+
+// whether a ubatch is read as decoded tokens (the fused kernel or the segments path), not as a prompt's
+static bool arkv_decoding(int64_t n_tokens, bool prompt) {
+    return n_tokens <= ARKV_DECODE_MAX_TOKENS && !prompt;
+}
 
 // a pool's padded row count for n rows in use
 static uint32_t arkv_pad_rows(uint32_t n, uint32_t cap) {
@@ -47,7 +55,8 @@ bool llama_kv_cache_arkv::layout::operator==(const layout & other) const {
     return true;
 }
 
-// layer l reads [LO rows | S rows (recall passes) | O rows (old, then the ubatch's new ones, then padding)].
+// layer l reads [LO rows | S rows (recall passes) | O rows (old, then the ubatch's new ones, then padding) | the
+// dequant path's tail].
 // All layers share one mask [n_mask, n_tokens]: columns < n_old are visible, then the new tokens (causal),
 // then masked. Layer l uses the window starting at start_l = n_old - (n_q_l + n_s_l + n_o_old_l); while
 // tokens are appended, start_l and the window width stay constant, so the graph can be reused.
@@ -57,6 +66,9 @@ llama_kv_cache_arkv::layout llama_kv_cache_arkv::make_layout(uint32_t n_tokens, 
     lay.recall = recall && !worst_case;
     lay.prompt = prompt;
     lay.views.resize(layers.size());
+    // whether a layer may take the dequant path (choose_attn_path), which reads n_tail more rows
+    const bool dequant = worst_case || !arkv_decoding(n_tokens, prompt) || lay.recall ||
+                         params.attn == LLAMA_ARKV_ATTN_DEQUANT;
     for (size_t i = 0; i < layers.size(); ++i) {
         const auto & l = layers[i];
         auto & v = lay.views[i];
@@ -65,6 +77,13 @@ llama_kv_cache_arkv::layout llama_kv_cache_arkv::make_layout(uint32_t n_tokens, 
         v.n_s      = lay.recall ? l.n_s : 0;
         v.n_o     = worst_case ? l.cap_o : l.n_o;
         v.n_o_pad = worst_case ? l.cap_o : arkv_pad_rows(l.n_o, l.cap_o);
+        if (dequant && v.n_lo + v.n_s > 0) {
+            const uint32_t n = v.n_lo + v.n_s + v.n_o_pad;
+            v.n_tail = GGML_PAD(n, ARKV_DEQ_ALIGN) - n;
+            if (v.n_tail > l.cap_o) {
+                v.n_tail = 0; // the tail repeats the O pool's first rows: a pool this small reads unaligned
+            }
+        }
         const uint32_t n_o_old = v.n_o >= n_tokens ? v.n_o - n_tokens : 0;
         lay.n_old = std::max(lay.n_old, v.n_lo + v.n_s + n_o_old);
         lay.n_lo_max   = std::max(lay.n_lo_max, v.n_lo);
@@ -75,7 +94,7 @@ llama_kv_cache_arkv::layout llama_kv_cache_arkv::make_layout(uint32_t n_tokens, 
         auto & v = lay.views[i];
         const uint32_t n_o_old = v.n_o >= n_tokens ? v.n_o - n_tokens : 0;
         v.start = lay.n_old - (v.n_lo + v.n_s + n_o_old);
-        lay.n_mask = std::max(lay.n_mask, v.start + v.n_lo + v.n_s + v.n_o_pad);
+        lay.n_mask = std::max(lay.n_mask, v.start + v.n_lo + v.n_s + v.n_o_pad + v.n_tail);
     }
     return lay;
 }
@@ -215,7 +234,7 @@ llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_g
                                                                      const layout & lay) const {
     // a prompt's ubatches all take the prefill paths, whatever their size: its logits are the same however it
     // was split into ubatches (and bit-exact with the stock cache while nothing is quantized)
-    const bool decode = n_tokens <= ARKV_DECODE_MAX_TOKENS && !lay.prompt;
+    const bool decode = arkv_decoding(n_tokens, lay.prompt);
     // the fused kernel reads pools in host memory where they lie. Decoding, also over O rows alone: it reads each
     // f16 key once per GQA group and scores as it goes (llama.cpp's attention reads it once per query head, then
     // scores again). A recall pass: the spilled rows are read in place, no f16 copy of them in the compute buffer
@@ -279,7 +298,8 @@ ggml_tensor * llama_kv_cache_arkv::pool_heads(ggml_context * ctx0, ggml_tensor *
     return ggml_permute(ctx0, t, 0, 2, 1, 3);
 }
 
-// [LO rows dequantized to f16 | S rows dequantized (recall passes) | O rows] as [D, H, n_kv], for llama.cpp's attention
+// [LO rows dequantized to f16 | S rows dequantized (recall passes) | O rows | tail] as [D, H, n_kv], for llama.cpp's
+// attention. The tail repeats O's first rows, hidden by the mask: finite rows of weight 0 that align n_kv
 ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const llm_graph_input_attn_kv_arkv * inp,
                                                       const view & v, ggml_tensor * pool_o, ggml_tensor * pool_lo,
                                                       ggml_tensor * pool_s) const {
@@ -294,13 +314,16 @@ ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const
         return ggml_cast(ctx0, ggml_get_rows(ctx0, rows, ar), GGML_TYPE_F16);
     };
     ggml_tensor * kv = ggml_view_2d(ctx0, pool_o, D*H, v.n_o_pad, pool_o->nb[1], 0);
+    if (v.n_tail > 0) {
+        kv = ggml_concat(ctx0, kv, ggml_view_2d(ctx0, pool_o, D*H, v.n_tail, pool_o->nb[1], 0), 1);
+    }
     if (v.n_s > 0) {
         kv = ggml_concat(ctx0, deq(pool_s, v.n_s), kv, 1);
     }
     if (v.n_lo > 0) {
         kv = ggml_concat(ctx0, deq(pool_lo, v.n_lo), kv, 1);
     }
-    return ggml_reshape_3d(ctx0, kv, D, H, v.n_lo + v.n_s + v.n_o_pad);
+    return ggml_reshape_3d(ctx0, kv, D, H, v.n_lo + v.n_s + v.n_o_pad + v.n_tail);
 }
 
 // attention probabilities of the last n_sel queries over [LO rows | O rows]: F32 [n_kv, n_sel, n_head]
@@ -459,9 +482,10 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
     }
 
     // this layer's window of the shared mask (the mask ops need it contiguous)
+    const int64_t n_read = path == ATTN_SEGMENTS ? n_kv : n_kv + v.n_tail;
     ggml_tensor * mask = inp->self_kq_mask;
-    if (v.start != 0 || n_kv != mask->ne[0]) {
-        mask = ggml_cont(ctx0, ggml_view_2d(ctx0, mask, n_kv, n_tokens, mask->nb[1], v.start*ggml_element_size(mask)));
+    if (v.start != 0 || n_read != mask->ne[0]) {
+        mask = ggml_cont(ctx0, ggml_view_2d(ctx0, mask, n_read, n_tokens, mask->nb[1], v.start*ggml_element_size(mask)));
     }
 
     if (path == ATTN_SEGMENTS) {
@@ -478,7 +502,23 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
         if (inp->lay.stats) {
             build_stats(ctx0, gf, l, p, v.n_lo + v.n_s + v.n_o - n_tokens + (n_tokens - n_sel));
         }
-        build_scores(ctx0, gf, l, v, p);
+        const auto host = [](const ggml_tensor * t) { return !t || ggml_backend_buffer_is_host(t->buffer); };
+        if (llama_arkv_attn_cpu_available() && host(l.acc_o) && host(v.n_lo ? l.acc_lo : nullptr) &&
+            host(v.n_s ? l.acc_s : nullptr)) {
+            // host accumulators: one pass over p on the CPU (build_scores' transposed copy of p goes element by
+            // element there: 0.7 of 19.6 s reading 12k tokens, docs/PROFILE.md)
+            llama_arkv_attn_params & ap = inp->attn[ikv];
+            ap.n_head = q_cur->ne[1];
+            ap.n_lo   = v.n_lo;
+            ap.n_s    = v.n_s;
+            ap.n_o    = v.n_o_pad;
+            ap.n_sel  = n_sel;
+            ggml_build_forward_expand(gf, llama_arkv_scores_cpu(ctx0, p, { nullptr, nullptr, l.acc_lo },
+                                                                { nullptr, nullptr, l.acc_s },
+                                                                { nullptr, nullptr, l.acc_o }, &ap));
+        } else {
+            build_scores(ctx0, gf, l, v, p);
+        }
     }
 
     *k_out = k;

@@ -163,6 +163,7 @@ public:
         uint32_t n_s      = 0; // spilled rows read (recall passes only)
         uint32_t n_o      = 0; // O rows in use after the ubatch is stored
         uint32_t n_o_pad  = 0; // O rows read (padded, for graph reuse)
+        uint32_t n_tail   = 0; // the dequant path's hidden rows after them: it reads a multiple of ARKV_DEQ_ALIGN rows
         uint32_t start    = 0; // first mask column of this layer
     };
     struct layout {
