@@ -128,3 +128,19 @@ def test_the_layer_plot_stacks_every_state() -> None:
     assert [label for label, _, _ in stack] == ["O (f16)", "Q (4-bit)", "S (spilled)",
                                                 "E (evicted)"]
     assert [counts for _, _, counts in stack] == [[5], [10], [7], [3]]
+
+
+def test_speed_runs_use_flash_attention_as_asked() -> None:
+    # `run --speed-flash-attn off` measures llama-cpp-python's default; the other tasks keep it on
+    import llama_cpp
+
+    from arkv_local.bench.child import open_config
+    from arkv_local.tiny_models import tiny_model_path
+
+    path = str(tiny_model_path("llama", n_embd=128, n_head=2, n_head_kv=2))
+    on, off = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    for cfg, want in (({"kind": "arkv"}, on), ({"kind": "arkv", "flash_attn": False}, off),
+                      ({"kind": "f16", "flash_attn": False}, off)):
+        llm = open_config(cfg, path, n_ctx=256, budget_tokens=128)
+        assert llm.context_params.flash_attn_type == want, cfg
+        llm.close()

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--speed-depths", type=int, nargs="+", default=[4096, 8000])
     r.add_argument("--speed-n-gen", type=int, default=256,
                    help="tokens decoded per speed run (more than kv_slack: plans while decoding)")
+    r.add_argument("--speed-flash-attn", choices=["on", "off"], default="on",
+                   help="flash attention in the speed runs (llama-cpp-python's default is off)")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded (GPU builds)")
     r.add_argument("--repeat", type=int, default=2, help="speed runs per configuration")

@@ -34,7 +34,7 @@ def open_config(cfg: dict[str, Any], model: str, n_ctx: int, budget_tokens: int,
     """A Llama for one configuration; policies get kv_budget = budget_tokens."""
     common: dict[str, Any] = dict(n_ctx=n_ctx, n_threads=cfg.get("threads", 2), verbose=False,
                                   n_gpu_layers=cfg.get("n_gpu_layers", 0),
-                                  flash_attn=True, **kw)
+                                  flash_attn=cfg.get("flash_attn", True), **kw)
     kind = cfg["kind"]
     if kind == "f16":
         return Llama(model, **common)

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"{shape.n_head_kv} KV heads x {shape.head_dim}); f16 KV: {f16_token} bytes/token",
             f"- Python {platform.python_version()} (text: its `pydoc_data.topics`, "
             f"first {n_text} tokens)",
-            "- every configuration runs in its own process; flash attention on", "")
+            "- every configuration runs in its own process; flash attention on (speed: "
+            f"{args.speed_flash_attn})", "")
 
     # 1 + 3. fidelity and memory
     tmp = tempfile.mkdtemp(prefix="arkv_bench_")
@@ -179,7 +180,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if not args.quick and "speed" not in args.skip:
         rep.add("## Speed", "",
                 f"Prefill of `depth` tokens (`eval`, n_batch 512) then {args.speed_n_gen} tokens "
-                f"decoded one by one, {args.threads} threads; best of {args.repeat} runs each "
+                f"decoded one by one, {args.threads} threads, flash attention "
+                f"{args.speed_flash_attn}; best of {args.repeat} runs each "
                 "(in rounds over all configurations), "
                 "against `full` in the same run. Policies at 25% of the f16 bytes of the depth; "
                 "`arkv@none`: a budget above the text (nothing evicted). Plans while decoding "
@@ -197,7 +199,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 for cfg in configs:
                     r = child(dict(cfg, task="speed", model=model, depth=depth,
                                    n_gen=args.speed_n_gen, threads=args.threads,
-                                   n_gpu_layers=args.n_gpu_layers))
+                                   n_gpu_layers=args.n_gpu_layers,
+                                   flash_attn=args.speed_flash_attn == "on"))
                     sp[cfg["name"], depth] = best_speed(sp.get((cfg["name"], depth)), r)
             for cfg in configs:
                 r = sp[cfg["name"], depth]
