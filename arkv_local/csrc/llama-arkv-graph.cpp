@@ -87,7 +87,9 @@ llama_kv_cache_arkv::layout llama_kv_cache_arkv::make_layout(uint32_t n_tokens, 
         const uint32_t n_o_old = v.n_o >= n_tokens ? v.n_o - n_tokens : 0;
         lay.n_old = std::max(lay.n_old, v.n_lo + v.n_s + n_o_old);
         lay.n_lo_max   = std::max(lay.n_lo_max, v.n_lo);
-        lay.n_deq_max  = std::max({ lay.n_deq_max, v.n_lo, v.n_s });
+        if (v.n_lo + v.n_s > 0) { // the dequant path gathers each part and places it (build_read_dequant)
+            lay.n_deq_max = std::max(lay.n_deq_max, v.n_lo + v.n_s + v.n_o_pad + v.n_tail);
+        }
         lay.lo_pad_max = std::max(lay.lo_pad_max, v.n_lo_pad - v.n_lo);
     }
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -299,7 +301,9 @@ ggml_tensor * llama_kv_cache_arkv::pool_heads(ggml_context * ctx0, ggml_tensor *
 }
 
 // [LO rows dequantized to f16 | S rows dequantized (recall passes) | O rows | tail] as [D, H, n_kv], for llama.cpp's
-// attention. The tail repeats O's first rows, hidden by the mask: finite rows of weight 0 that align n_kv
+// attention. The tail repeats O's first rows, hidden by the mask: finite rows of weight 0 that align n_kv. Each
+// part is gathered to f32 and placed with set_rows (threaded by rows on the CPU; ggml-cpu's f16 concat is one
+// thread, element by element)
 ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const llm_graph_input_attn_kv_arkv * inp,
                                                       const view & v, ggml_tensor * pool_o, ggml_tensor * pool_lo,
                                                       ggml_tensor * pool_s) const {
@@ -308,22 +312,25 @@ ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const
     if (v.n_lo == 0 && v.n_s == 0) {
         return ggml_view_3d(ctx0, pool_o, D, H, v.n_o_pad, ggml_row_size(pool_o->type, D), pool_o->nb[1], 0);
     }
-    auto deq = [&](ggml_tensor * pool, uint32_t n) {
-        ggml_tensor * rows = ggml_view_2d(ctx0, pool, D*H, n, pool->nb[1], 0);
-        ggml_tensor * ar = ggml_view_1d(ctx0, inp->lo_arange, n, 0);
-        return ggml_cast(ctx0, ggml_get_rows(ctx0, rows, ar), GGML_TYPE_F16);
+    const int64_t n_kv = v.n_lo + v.n_s + v.n_o_pad + v.n_tail;
+    GGML_ASSERT(inp->lo_arange->ne[0] >= n_kv);
+    ggml_tensor * kv = ggml_new_tensor_2d(ctx0, GGML_TYPE_F16, D*H, n_kv);
+    int64_t row = 0;
+    auto place = [&](ggml_tensor * pool, int64_t n) { // the pool's first n rows, at rows [row, row + n)
+        if (n == 0) {
+            return;
+        }
+        ggml_tensor * rows = ggml_get_rows(ctx0, ggml_view_2d(ctx0, pool, D*H, n, pool->nb[1], 0),
+                                           ggml_view_1d(ctx0, inp->lo_arange, n, 0));
+        kv = ggml_set_rows(ctx0, kv, rows, ggml_view_1d(ctx0, inp->lo_arange, n, row*ggml_element_size(inp->lo_arange)));
+        row += n;
     };
-    ggml_tensor * kv = ggml_view_2d(ctx0, pool_o, D*H, v.n_o_pad, pool_o->nb[1], 0);
-    if (v.n_tail > 0) {
-        kv = ggml_concat(ctx0, kv, ggml_view_2d(ctx0, pool_o, D*H, v.n_tail, pool_o->nb[1], 0), 1);
-    }
-    if (v.n_s > 0) {
-        kv = ggml_concat(ctx0, deq(pool_s, v.n_s), kv, 1);
-    }
-    if (v.n_lo > 0) {
-        kv = ggml_concat(ctx0, deq(pool_lo, v.n_lo), kv, 1);
-    }
-    return ggml_reshape_3d(ctx0, kv, D, H, v.n_lo + v.n_s + v.n_o_pad + v.n_tail);
+    place(pool_lo, v.n_lo);
+    place(pool_s, v.n_s);
+    place(pool_o, v.n_o_pad);
+    place(pool_o, v.n_tail);
+    GGML_ASSERT(row == n_kv);
+    return ggml_reshape_3d(ctx0, kv, D, H, n_kv);
 }
 
 // attention probabilities of the last n_sel queries over [LO rows | O rows]: F32 [n_kv, n_sel, n_head]

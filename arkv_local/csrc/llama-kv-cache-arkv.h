@@ -171,7 +171,7 @@ public:
         uint32_t n_old      = 0;  // mask columns before the new tokens (X)
         uint32_t n_mask     = 0;  // mask width
         uint32_t n_lo_max   = 0;  // the LO rows' mask (segments path): n_lo_max visible columns, then lo_pad_max hidden
-        uint32_t n_deq_max  = 0;  // the most LO or S rows a layer dequantizes (the row index input)
+        uint32_t n_deq_max  = 0;  // the most rows a layer's dequant path reads (the row index input)
         uint32_t lo_pad_max = 0;
         bool stats = false;       // compute the observation window's statistics
         bool recall = false;      // a recall pass: spilled rows are read, and every query is scored
@@ -353,7 +353,7 @@ public:
     void set_input(const llama_ubatch * ubatch) override;
     bool can_reuse(const llm_graph_params & params) override;
 
-    ggml_tensor * lo_arange = nullptr; // I32 [n_deq_max]: 0, 1, ... (get_rows dequantizes LO and S rows)
+    ggml_tensor * lo_arange = nullptr; // I32 [n_deq_max]: 0, 1, ... (the dequant path's gathers and placements)
     ggml_tensor * lo_mask   = nullptr; // F16 [n_lo_max + lo_pad_max, n_tokens]: the LO rows' mask (segments path)
 
     llama_kv_cache_arkv::layout lay; // what the graph was built for
