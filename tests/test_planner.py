@@ -243,7 +243,8 @@ def test_plans_on_threads_equal_plans_on_one(policy: str) -> None:
             assert a.cap_o == b.cap_o
             for name in ("o_src", "o_from", "q_src", "q_from", "s_src", "s_from"):
                 np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    assert len(names) == 3 and all(x.startswith("arkv-plan") for x in names)
+    # scored on the plan threads, not the caller's (how many of the 3 take a task is the pool's)
+    assert names and all(x.startswith("arkv-plan") for x in names), names
     one.planned(False)
     many.planned(False)
     assert one.snapshot().keys() == many.snapshot().keys()

@@ -86,7 +86,8 @@ class HeavyHitter(Policy):
                   n_positions: int) -> np.ndarray:
         """Blend with the scores of the last tailoring, by position (NaN: not scored yet). The
         memory is made for the whole window at once, so that it does not grow as a chat goes."""
-        self._memories(layer + 1, hh.shape[1])  # scored alone (plans called prepare())
+        if layer >= len(self._past):  # scored alone (a plan's prepare() made them all)
+            self._memories(layer + 1, hh.shape[1])
         past = before = self._past[layer]
         if not past.flags.c_contiguous:  # written through a flat view below
             past = np.ascontiguousarray(past)
