@@ -742,9 +742,9 @@ void arkv_scores(ggml_tensor * dst, int ith, int nth, void * userdata) {
 ggml_tensor * llama_arkv_scores_cpu(ggml_context * ctx, ggml_tensor * probs, const llama_arkv_attn_rows & lo,
                                     const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o,
                                     llama_arkv_attn_params * p) {
+    GGML_ASSERT(o.acc && (p->n_lo == 0 || lo.acc) && (p->n_s == 0 || s.acc));
     GGML_ASSERT(probs->type == GGML_TYPE_F32 && ggml_is_contiguous(probs));
     GGML_ASSERT(probs->ne[0] >= p->n_lo + p->n_s + p->n_o && probs->ne[2] % o.acc->ne[0] == 0);
-    GGML_ASSERT(o.acc && (p->n_lo == 0 || lo.acc) && (p->n_s == 0 || s.acc));
     ggml_tensor * args[4] = { probs, o.acc };
     int n = 2;
     if (p->n_lo > 0) {
