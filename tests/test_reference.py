@@ -584,12 +584,14 @@ class _Tensor(ctypes.Structure):
                 ("name", ctypes.c_char * 64)]
 
 
-def test_a_prompt_over_q_rows_reads_keys_in_multiples_of_16(
+def test_a_prompt_over_q_rows_reads_keys_in_multiples_of_16_and_v_transposed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # the dequant path (a prompt's ubatches) hands llama.cpp's attention [LO | O | tail] rows: on
     # the CPU, llamafile's GEMMs take KQ and KQV only for key counts that are multiples of 4 and
     # 16 (else a dot product per element, 1.4x slower at 6k tokens). 181 LO rows + 128 O rows:
-    # 11 hidden tail rows. The logits stay the numpy reference's (the tests above)
+    # 11 hidden tail rows. Without flash attention V comes transposed, over O rows alone too, so
+    # that llama.cpp makes no transposed copy of it (`v_cont`, element by element on the CPU). The
+    # logits stay the numpy reference's (the tests above)
     shapes: dict[str, tuple[int, ...]] = {}
 
     @llama_cpp.ggml_backend_sched_eval_callback
@@ -614,6 +616,7 @@ def test_a_prompt_over_q_rows_reads_keys_in_multiples_of_16(
 
     toks = np.random.default_rng(0).integers(0, llm.n_vocab(), 340).tolist()
     llm.eval(toks[:300])
+    assert "kqv-0" in shapes and not any(name.startswith("v_cont") for name in shapes)
     mem = TriStateKV(llm.ctx)
     mem.submit(per_head_plan(mem, np.random.default_rng(1), 60, 181, 128))
     mem.apply()
@@ -625,3 +628,4 @@ def test_a_prompt_over_q_rows_reads_keys_in_multiples_of_16(
         n_kv = shapes[f"kq-{il}"][0]  # [n_kv, n_tokens, n_head]
         assert n_kv == 181 + 128 + 11, (il, n_kv)
         assert shapes[f"kqv-{il}"][:2] == (64, 40)
+        assert f"v_cont-{il}" not in shapes

@@ -737,7 +737,71 @@ void arkv_scores(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+//
+// V^T for llama.cpp's attention without flash attention
+//
+
+// src: the row sets (each [D*H, n_i], any type a row reader takes), keys in their order; dst F16 [n_kv, D*H]: row c
+// holds value c of every key. Blocks of keys over threads: each block's rows are dequantized into a tile, then
+// written a column at a time (one cache line of f16 per block and value), where ggml's transposed copy goes
+// element by element
+void arkv_rows_t(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    GGML_UNUSED(userdata);
+    constexpr int64_t n_blk = 32; // keys per block: 64 bytes of f16 per value
+    const int64_t n_kv = dst->ne[0];
+    const int64_t DH   = dst->ne[1];
+
+    int n_src = 0;
+    const ggml_tensor * src[GGML_MAX_SRC];
+    row_reader read[GGML_MAX_SRC];
+    int64_t end[GGML_MAX_SRC]; // keys before the end of each row set
+    for (int i = 0; i < GGML_MAX_SRC && dst->src[i]; ++i, ++n_src) {
+        src[i]  = dst->src[i];
+        read[i] = make_reader(src[i]->type);
+        end[i]  = (i > 0 ? end[i - 1] : 0) + src[i]->ne[1];
+    }
+    GGML_ASSERT(n_src > 0 && end[n_src - 1] == n_kv);
+
+    std::vector<float> tile(n_blk*DH);
+    float col[n_blk];
+    for (int64_t j0 = ith*n_blk; j0 < n_kv; j0 += nth*n_blk) {
+        const int64_t n = std::min(n_blk, n_kv - j0);
+        int i = 0;
+        for (int64_t jj = 0; jj < n; ++jj) {
+            const int64_t j = j0 + jj;
+            while (j >= end[i]) {
+                ++i;
+            }
+            const int64_t r = j - (i > 0 ? end[i - 1] : 0);
+            read[i]((const char *) src[i]->data + r*src[i]->nb[1], tile.data() + jj*DH, DH);
+        }
+        for (int64_t c = 0; c < DH; ++c) {
+            for (int64_t jj = 0; jj < n; ++jj) {
+                col[jj] = tile[jj*DH + c];
+            }
+            ggml_cpu_fp32_to_fp16(col, (ggml_fp16_t *) ((char *) dst->data + c*dst->nb[1]) + j0, n);
+        }
+    }
+}
+
 } // namespace
+
+ggml_tensor * llama_arkv_rows_t_cpu(ggml_context * ctx, ggml_tensor * const * parts, int n_parts) {
+    ggml_tensor * args[GGML_MAX_SRC];
+    int n = 0;
+    int64_t n_kv = 0;
+    for (int i = 0; i < n_parts; ++i) {
+        if (parts[i] && parts[i]->ne[1] > 0) {
+            GGML_ASSERT(n < GGML_MAX_SRC && parts[i]->ne[2] == 1 && parts[i]->ne[3] == 1);
+            GGML_ASSERT(n == 0 || parts[i]->ne[0] == args[0]->ne[0]);
+            GGML_ASSERT(parts[i]->nb[0] == ggml_type_size(parts[i]->type)); // rows as ggml lays them out
+            args[n++] = parts[i];
+            n_kv += parts[i]->ne[1];
+        }
+    }
+    GGML_ASSERT(n > 0);
+    return ggml_custom_4d(ctx, GGML_TYPE_F16, n_kv, args[0]->ne[0], 1, 1, args, n, arkv_rows_t, GGML_N_TASKS_MAX, nullptr);
+}
 
 ggml_tensor * llama_arkv_scores_cpu(ggml_context * ctx, ggml_tensor * probs, const llama_arkv_attn_rows & lo,
                                     const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o,
@@ -825,6 +889,10 @@ ggml_tensor * llama_arkv_attn_cpu(ggml_context *, ggml_tensor *, const llama_ark
 ggml_tensor * llama_arkv_scores_cpu(ggml_context *, ggml_tensor *, const llama_arkv_attn_rows &, const llama_arkv_attn_rows &,
                                     const llama_arkv_attn_rows &, llama_arkv_attn_params *) {
     GGML_ABORT("arkv: the CPU scores are not built in");
+}
+
+ggml_tensor * llama_arkv_rows_t_cpu(ggml_context *, ggml_tensor * const *, int) {
+    GGML_ABORT("arkv: the CPU transpose is not built in");
 }
 
 #endif

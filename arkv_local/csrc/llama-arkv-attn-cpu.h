@@ -12,7 +12,8 @@
 // goes: docs/PROFILE.md.
 //
 // A third op adds the probabilities of llama.cpp's attention (a prompt's ubatches over host pools) to the
-// accumulators in one pass, as the combine pass does.
+// accumulators in one pass, as the combine pass does. A fourth hands that attention V transposed, as llama.cpp's own
+// cache does without flash attention (else llama.cpp copies V transposed, element by element on the CPU).
 
 #pragma once
 
@@ -57,3 +58,7 @@ ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, const lla
 ggml_tensor * llama_arkv_scores_cpu(ggml_context * ctx, ggml_tensor * probs, const llama_arkv_attn_rows & lo,
                                     const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o,
                                     llama_arkv_attn_params * p);
+
+// the rows of parts (each [D*H, n_i], of any type the CPU backend dequantizes; null or empty ones skipped), in order,
+// transposed into F16 [n, D*H]: row c holds value c of every row, V^T for llama.cpp's attention without flash attention
+ggml_tensor * llama_arkv_rows_t_cpu(ggml_context * ctx, ggml_tensor * const * parts, int n_parts);

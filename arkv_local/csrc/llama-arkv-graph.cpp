@@ -17,8 +17,8 @@
 //   set_rows (F32 -> F32 / F16 / Q4_0 / Q4_1 / Q8_0), get_rows (F16 / quant -> F32, I32 idxs), pad (F32),
 //   cast (F32 -> F16), concat (F16, F32), cont, mul_mat, soft_max_ext, sqr, sum_rows, sum, add, sub, mul,
 //   div, scale, scale_bias, log, clamp, cpy (F32)
-// and, for pools in host memory only, the two custom ops of the fused decode attention and the scores op of a
-// prompt's ubatches (llama-arkv-attn-cpu.h)
+// and, for pools in host memory only, the two custom ops of the fused decode attention, the scores op of a
+// prompt's ubatches and the op that hands them V transposed without flash attention (llama-arkv-attn-cpu.h)
 
 static constexpr uint32_t ARKV_N_KV_PAD = 256; // rows read are padded: graphs can be reused, ggml-cuda's FA vector kernel needs it
 static constexpr uint32_t ARKV_DEQ_ALIGN = 16; // rows the dequant path reads: llamafile's tinyBLAS (CPU) takes only
@@ -333,6 +333,23 @@ ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const
     return ggml_reshape_3d(ctx0, kv, D, H, n_kv);
 }
 
+// V^T [n_kv, H, D] of [LO | S | O | tail] (F16; nb[1] > nb[2], as llama.cpp's transposed V cache) for llama.cpp's
+// attention without flash attention over host pools: one op reads the rows where they lie and writes them
+// transposed. Given V as rows, llama.cpp copies it transposed, element by element on the CPU (1.4 of 22 s reading
+// 12k tokens, docs/PROFILE.md)
+ggml_tensor * llama_kv_cache_arkv::build_read_vt(ggml_context * ctx0, const view & v, ggml_tensor * pool_o,
+                                                 ggml_tensor * pool_lo, ggml_tensor * pool_s) const {
+    const int64_t D = head_dim_;
+    const int64_t H = n_head_kv_;
+    auto rows = [&](ggml_tensor * pool, int64_t n) -> ggml_tensor * { // the pool's first n rows
+        return n > 0 ? ggml_view_2d(ctx0, pool, D*H, n, pool->nb[1], 0) : nullptr;
+    };
+    ggml_tensor * parts[4] = { rows(pool_lo, v.n_lo), rows(pool_s, v.n_s), rows(pool_o, v.n_o_pad), rows(pool_o, v.n_tail) };
+    ggml_tensor * vt = llama_arkv_rows_t_cpu(ctx0, parts, 4);
+    GGML_ASSERT(vt->ne[0] == (int64_t) (v.n_lo + v.n_s + v.n_o_pad + v.n_tail));
+    return ggml_view_3d(ctx0, vt, vt->ne[0], H, D, D*vt->nb[1], vt->nb[1], 0);
+}
+
 // attention probabilities of the last n_sel queries over [LO rows | O rows]: F32 [n_kv, n_sel, n_head]
 ggml_tensor * llama_kv_cache_arkv::build_probs(ggml_context * ctx0, ggml_tensor * q_cur, ggml_tensor * k_lo, ggml_tensor * k_o,
                                                ggml_tensor * mask, float kq_scale, int64_t n_sel) const {
@@ -501,7 +518,9 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
 
     // ATTN_STOCK / ATTN_DEQUANT: llama.cpp's attention over f16 K/V
     ggml_tensor * k = build_read_dequant(ctx0, inp, v, k_o, l.k_lo, l.k_s);
-    ggml_tensor * vv = build_read_dequant(ctx0, inp, v, v_o, l.v_lo, l.v_s);
+    const bool v_t = !gctx.cparams.flash_attn && llama_arkv_attn_cpu_available() &&
+                     ggml_backend_buffer_is_host(l.v_arena->buffer); // (the spill is in host memory too)
+    ggml_tensor * vv = v_t ? build_read_vt(ctx0, v, v_o, l.v_lo, l.v_s) : build_read_dequant(ctx0, inp, v, v_o, l.v_lo, l.v_s);
     inp->self_kq_mask_cnv = mask; // read by build_attn right after this hook, for this layer
 
     if (n_sel > 0) {

@@ -217,6 +217,8 @@ public:
     ggml_tensor * pool_heads(ggml_context * ctx0, ggml_tensor * pool, int64_t n) const;
     ggml_tensor * build_read_dequant(ggml_context * ctx0, const class llm_graph_input_attn_kv_arkv * inp, const view & v,
                                      ggml_tensor * pool_o, ggml_tensor * pool_lo, ggml_tensor * pool_s) const;
+    ggml_tensor * build_read_vt(ggml_context * ctx0, const view & v, ggml_tensor * pool_o, ggml_tensor * pool_lo,
+                                ggml_tensor * pool_s) const;
     ggml_tensor * build_probs(ggml_context * ctx0, ggml_tensor * q_cur, ggml_tensor * k_lo, ggml_tensor * k_o,
                               ggml_tensor * mask, float kq_scale, int64_t n_sel) const;
     void build_scores(ggml_context * ctx0, ggml_cgraph * gf, const layer & l, const view & v, ggml_tensor * p) const;
