@@ -144,3 +144,48 @@ def test_speed_runs_use_flash_attention_as_asked() -> None:
         llm = open_config(cfg, path, n_ctx=256, budget_tokens=128)
         assert llm.context_params.flash_attn_type == want, cfg
         llm.close()
+
+
+def test_a_passkey_haystack_is_a_window_of_the_text_with_the_needles_at_their_depths(
+        smollm2: Path) -> None:
+    # `run --passkey-text FILE`: keys hidden in a real text, not in repeated filler sentences
+    import numpy as np
+
+    from arkv_local import Llama
+    from arkv_local.bench.child import FILLER, passkey_prompt
+
+    llm = Llama(str(smollm2), vocab_only=True, verbose=False)
+    words = [f"w{i}" for i in range(6000)]
+    needles = [(0.75, "The second key is 2. "), (0.25, "The first key is 1. ")]
+    prompt = passkey_prompt(llm, 1000, needles, "Which keys?", " ".join(words),
+                            np.random.default_rng(3))
+    head, body = prompt.split("remember it. ", 1)
+    body, question = body.rsplit("\n", 1)
+    assert question == "Which keys?"
+    got = body.split()
+    at = [got.index("first"), got.index("second")]
+    window = [w for w in got if w.startswith("w") and w[1:].isdigit()]
+    start = int(window[0][1:])
+    assert window == words[start:start + len(window)]  # one window, in order, nothing left out
+    n = len(llm.tokenize(body.encode(), add_bos=False))
+    assert 900 <= n <= 1100, n
+    # each needle sits at its depth of the window's words ("The" before "first"; the second
+    # needle after the first's 5 words)
+    assert (at[0] - 1, at[1] - 1 - 5) == (int(0.25 * len(window)), int(0.75 * len(window)))
+    with pytest.raises(ValueError, match="fewer than"):
+        passkey_prompt(llm, 1000, needles, "?", " ".join(words[:100]))
+    # without a haystack: the repeated filler sentences, as before
+    reps = 1000 // len(llm.tokenize(FILLER.encode(), add_bos=False))
+    cut = int(reps * 0.5)
+    assert passkey_prompt(llm, 1000, [(0.5, "K. ")], "?") == (
+        "There is a pass key hidden in the following text. Find it and remember it. "
+        + FILLER * cut + "K. " + FILLER * (reps - cut) + "\n?")
+    llm.close()
+
+
+def test_a_missing_passkey_text_is_refused_by_name(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.txt")
+    p = subprocess.run([sys.executable, "-m", "arkv_local.bench", "run", "--passkey-text",
+                        missing, "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == 2 and "--passkey-text: no such file" in p.stderr and missing in p.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import textwrap
 import threading
 from pathlib import Path
@@ -269,12 +270,19 @@ def test_bad_plans_are_refused_and_change_nothing(smollm2: Path, tokens: list[in
     assert [i.n_o for i in mem.layers()] == [101] * mem.n_layer
 
 
-def test_a_tailored_tail_is_cut_where_heads_lose_alike(smollm2: Path, tokens: list[int]) -> None:
+@pytest.mark.parametrize("model", ["smollm2", "tiny_llama"])
+def test_a_tailored_tail_is_cut_where_heads_lose_alike(model: str,
+                                                       request: pytest.FixtureRequest) -> None:
     """llama.cpp's seq_rm(p0, -1) takes out a tail no plan has touched and refuses a tailored
     one (what is left is not what a fresh read holds: llama-cpp-python then reads it again);
     TriStateKV.cut takes a tailored tail out too, refused, nothing changed, only where KV heads
-    would keep different numbers of rows."""
-    ours, mem = open_tristate(smollm2, 1024, flash_attn=True)
+    would keep different numbers of rows. The tiny model's case runs offloaded in the device
+    check (ARKV_TEST_N_GPU_LAYERS, arkv_local/bench/gpu.py)."""
+    path = request.getfixturevalue(model)
+    tokens = (np.random.default_rng(0).integers(0, 260, 400).tolist() if model.startswith("tiny")
+              else request.getfixturevalue("tokens"))  # (the device has no SmolLM2)
+    ours, mem = open_tristate(path, 1024, flash_attn=True,
+                              n_gpu_layers=int(os.environ.get("ARKV_TEST_N_GPU_LAYERS", "0")))
     memory = llama_cpp.llama_get_memory(ours.ctx)
     H = mem.n_head_kv
 

@@ -6,6 +6,7 @@ model's shape, without the model)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--passkey-pairs", nargs="+", default=["0.25/0.75"],
                    help="depths of the two keys of a two-key prompt, one prompt per pair and "
                         "length (e.g. 0.1/0.6 0.25/0.75)")
+    r.add_argument("--passkey-text", metavar="FILE",
+                   help="a text file whose words make the haystack (a window from a seeded word) "
+                        "instead of the repeated filler sentences")
     r.add_argument("--passkey-configs", nargs="+",
                    help="passkey rows to run, by name (e.g. full arkv@12.5%%; default: all)")
     r.add_argument("--speed-configs", nargs="+", default=["full", "quant", "window", "h2o",
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("_one", help=argparse.SUPPRESS)
     o.add_argument("spec")
     args = p.parse_args(argv)
+    if args.cmd == "run" and args.passkey_text and not os.path.isfile(args.passkey_text):
+        p.error(f"--passkey-text: no such file: {args.passkey_text!r}")
     if args.cmd == "speed":
         from .speed import speed
 

@@ -103,18 +103,37 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
 
 
 def passkey_prompt(llm: Llama, n_tokens: int, needles: list[tuple[float, str]],
-                   question: str) -> str:
-    """Filler of about n_tokens tokens with each needle's sentence at its depth, then the
-    question."""
-    per = len(llm.tokenize(FILLER.encode(), add_bos=False))
-    reps = max(1, n_tokens // per)
+                   question: str, haystack: str | None = None,
+                   rng: np.random.Generator | None = None) -> str:
+    """About n_tokens tokens of filler with each needle's sentence at its depth, then the
+    question. The filler repeats FILLER, or is a window of haystack's words that starts at a
+    word drawn from rng (a real text: nothing makes the needle stand out but its content)."""
+    if haystack is None:
+        units, sep = [FILLER], ""
+        reps = max(1, n_tokens // len(llm.tokenize(FILLER.encode(), add_bos=False)))
+        units *= reps
+    else:
+        words = haystack.split()
+
+        def tokens(ws: list[str]) -> float:  # per word
+            return len(llm.tokenize(" ".join(ws).encode(), add_bos=False)) / max(1, len(ws))
+
+        n_words = max(1, int(n_tokens / tokens(words[:2000])))
+        if n_words > len(words):
+            raise ValueError(f"the haystack has {len(words)} words, fewer than the "
+                             f"{n_words} that {n_tokens} tokens take")
+        start = int((rng or np.random.default_rng(0)).integers(0, len(words) - n_words + 1))
+        # the window's own tokens per word (the sample's may differ)
+        n_words = min(len(words) - start, int(n_tokens / tokens(words[start:start + n_words])))
+        units, sep = words[start:start + n_words], " "
     parts, done = [], 0
     for depth, sentence in sorted(needles):
-        cut = int(reps * depth)
-        parts += [FILLER * (cut - done), sentence]
+        cut = int(len(units) * depth)
+        parts += [sep.join(units[done:cut]), sentence]
         done = cut
+    parts.append(sep.join(units[done:]))
     return ("There is a pass key hidden in the following text. Find it and remember it. "
-            + "".join(parts) + FILLER * (reps - done) + "\n" + question)
+            + (sep or "").join(parts) + "\n" + question)
 
 
 def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +142,7 @@ def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
     and asks for both."""
     model = cfg["model"]
     rng = np.random.default_rng(cfg.get("seed", 0))
+    haystack = Path(cfg["haystack"]).read_text() if cfg.get("haystack") else None
     trials = []
     for length in cfg["lengths"]:
         for depth in cfg["depths"] + [tuple(p) for p in cfg.get("pairs", [])]:
@@ -137,7 +157,7 @@ def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
                                    f"{keys[0]} is the pass key. ")]
                 question = "What is the pass key? Answer with the number only."
             llm = open_config(cfg, model, length + 256, int(cfg.get("fraction", 1.0) * length))
-            prompt = passkey_prompt(llm, length, needles, question)
+            prompt = passkey_prompt(llm, length, needles, question, haystack, rng)
             r = llm.create_chat_completion([{"role": "user", "content": prompt}],
                                            temperature=0.0, max_tokens=12 * len(keys))
             answer = r["choices"][0]["message"]["content"] or ""

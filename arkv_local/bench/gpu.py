@@ -253,12 +253,13 @@ def section_sched(out: Path) -> dict[str, Any]:
 
 def section_reference() -> dict[str, Any]:
     """tests/test_reference.py (the numpy reference), tests/test_spill.py's memory checks
-    (spill and recall against a cache that never spilled) and tests/test_shift.py (seq_add and
-    seq_rm of a middle range: K re-roped and rows removed on the device) with every layer
-    offloaded."""
+    (spill and recall against a cache that never spilled), tests/test_shift.py (seq_add and
+    seq_rm of a middle range: K re-roped and rows removed on the device) and the tailored tail's
+    cut (tests/test_tristate.py) with every layer offloaded."""
     env = dict(os.environ, ARKV_TEST_N_GPU_LAYERS="99")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "tests/test_reference.py", "tests/test_spill.py", "tests/test_shift.py",
+                        "tests/test_tristate.py::test_a_tailored_tail_is_cut_where_heads_lose_alike",
                         "--timeout=300",
                         "-k", "not smollm2 and not pass_keys and not errors"  # no hub model:
                         " and not spill_holds_the_window"],  # its smollm2 fixture neither

@@ -151,9 +151,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                    + [dict(name=f"{p}@12.5%", kind=p, fraction=0.125) for p in ("arkv", "quant")])
         if args.passkey_configs:
             pk_cfgs = [c for c in pk_cfgs if c["name"] in args.passkey_configs]
+        haystack = (f"the words of {Path(args.passkey_text).name} (a window that starts at a "
+                    "seeded word)" if args.passkey_text else "filler text")
         rep.add("## Passkey retrieval", "",
-                f"A 5-digit key at depths {', '.join(f'{d:.0%}' for d in depths)} of filler "
-                f"text of about {', '.join(map(str, lengths))} tokens, asked for at the end "
+                f"A 5-digit key at depths {', '.join(f'{d:.0%}' for d in depths)} of {haystack} "
+                f"of about {', '.join(map(str, lengths))} tokens, asked for at the end "
                 "with the model's chat template (`create_chat_completion`, temperature 0, "
                 "max_tokens 12 per key)" + ("" if args.quick else
                 "; per length and pair of depths in --passkey-pairs one more prompt holds two "
@@ -167,6 +169,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                                            for p in args.passkey_pairs]
             r = pk[cfg["name"]] = child(dict(cfg, task="passkey", model=model, lengths=lengths,
                                              depths=depths, pairs=pairs, threads=args.threads,
+                                             haystack=args.passkey_text and str(
+                                                 Path(args.passkey_text).resolve()),
                                              n_gpu_layers=args.n_gpu_layers))
             answers = "; ".join(
                 f"{t['length']}/{depth_label(t['depth'])}"
