@@ -18,6 +18,8 @@ SPILL = "host"    # where rows leaving the budget go (host memory), recalled by 
 
 def slack_for(budget_tokens: int) -> int:
     """kv_slack's default for a budget of budget_tokens f16 tokens per layer: SLACK, or 1/64 of
-    the budget when that is larger. A plan's cost grows with the rows it ranks, so decoding
-    then spends about the same share of its time on plans at any budget."""
-    return max(SLACK, budget_tokens // 64)
+    the budget when that is larger (a plan's cost grows with the rows it ranks, so decoding then
+    spends about the same share of its time on plans at any budget), or 1/4 of it when that is
+    smaller (room left free after each plan is budget that keeps no past token: at 128 tokens a
+    slack of 64 with the window and sinks left 28 for the rest of the text)."""
+    return max(min(SLACK, budget_tokens // 4), budget_tokens // 64, 1)

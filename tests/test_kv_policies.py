@@ -195,8 +195,9 @@ def test_errors_are_named_before_anything_changes(smollm2: Path, tokens: list[in
         Llama(smollm2, kv_policy="arkv", kv_quant="q3_k")
     with pytest.raises(ValueError, match="arkv tau must be three positive numbers"):
         Llama(smollm2, kv_policy="arkv", arkv_tau=(1.0, -1.0, 1.0))
-    with pytest.raises(ValueError, match=r"budget of 64 tokens is below the window \(32\)"):
-        Llama(smollm2, kv_policy="arkv", kv_budget=64)
+    with pytest.raises(ValueError, match=r"budget of 40 tokens is below the window \(32\) \+ "
+                                         r"sinks \(4\) \+ slack \(10\) = 46"):
+        Llama(smollm2, kv_policy="arkv", kv_budget=40)
     with pytest.raises(ValueError, match="kv_budget needs a kv_policy other than 'full'"):
         Llama(smollm2, kv_budget=64)
     with pytest.raises(ValueError, match="not both"):

@@ -202,15 +202,17 @@ def test_statistics_are_measured_only_on_the_chunk_that_keeps_them(
     assert plans_a == plans_b and (len(plans_a) > 5) == (budget < n_prompt)
 
 
-def test_slack_grows_with_large_budgets_unless_given() -> None:
+def test_slack_follows_the_budget_unless_given() -> None:
     # a plan's cost grows with the rows it ranks: past 64 x 64 tokens of budget the default
-    # slack is 1/64 of it, so that decoding plans as often per cost; a knob or a policy
-    # object given keeps its own
+    # slack is 1/64 of it, so that decoding plans as often per cost; below 4 x 64 it is 1/4 of
+    # it, so that the room a plan frees leaves budget for past tokens; a knob or a policy object
+    # given keeps its own
     path = tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
     kw = dict(kv_policy="arkv", n_ctx=512, verbose=False)
     assert defaults.slack_for(4096) == 64 and defaults.slack_for(8192) == 128
+    assert [defaults.slack_for(b) for b in (256, 255, 128, 48, 3)] == [64, 63, 32, 12, 1]
     for budget, slack, want in ((1024, None, 64), (4096, None, 64), (20000, None, 312),
-                                (20000, 32, 32)):
+                                (20000, 32, 32), (128, None, 32), (128, 64, 64)):
         llm = Llama(str(path), kv_budget=budget, kv_slack=slack, **kw)
         assert llm._tailor.policy.slack == want
         llm.close()
