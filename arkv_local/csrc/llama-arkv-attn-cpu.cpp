@@ -156,8 +156,10 @@ inline void axpy_group(float * y, const float * x, int64_t x_stride, const float
 // row r (n_tok x n_head) adds sum_k s[r*n + keys[k]] * v[k][its KV head]. Each value is converted once, for all the
 // rows of its GQA group; the same sums in the same order as axpy_group over the rows converted to f32 first,
 // without that pass (12% of a decoded token's time with nothing evicted, SmolLM2 at 4096 tokens)
-inline void add_f16_keys(float * acc, const float * s, int64_t n, const int64_t * keys, const ggml_fp16_t * const * v,
-                         int64_t nk, int64_t n_tok, int64_t n_head, int64_t H, int64_t D) {
+template <int NK> // NK keys: their values stay in registers
+void add_f16_keys_n(float * acc, const float * s, int64_t n, const int64_t * keys, const ggml_fp16_t * const * v,
+                    int64_t n_tok, int64_t n_head, int64_t H, int64_t D) {
+    constexpr int64_t nk = NK;
     const int64_t G = n_head/H;
     for (int64_t hk = 0; hk < H; ++hk) {
         for (int64_t i = 0; i < D; i += 8) {
@@ -175,6 +177,18 @@ inline void add_f16_keys(float * acc, const float * s, int64_t n, const int64_t 
                 }
             }
         }
+    }
+}
+
+void add_f16_keys(float * acc, const float * s, int64_t n, const int64_t * keys, const ggml_fp16_t * const * v,
+                  int64_t nk, int64_t n_tok, int64_t n_head, int64_t H, int64_t D) {
+    static_assert(v_group == 4, "one case per group size");
+    switch (nk) {
+        case 1: add_f16_keys_n<1>(acc, s, n, keys, v, n_tok, n_head, H, D); break;
+        case 2: add_f16_keys_n<2>(acc, s, n, keys, v, n_tok, n_head, H, D); break;
+        case 3: add_f16_keys_n<3>(acc, s, n, keys, v, n_tok, n_head, H, D); break;
+        case 4: add_f16_keys_n<4>(acc, s, n, keys, v, n_tok, n_head, H, D); break;
+        default: break; // no visible key in the group
     }
 }
 #endif
@@ -296,10 +310,11 @@ inline float hsum(__m256 v) {
 // group): ggml's ggml_vec_dot_q4_0_q8_0 (AVX2: the same arithmetic in the same order, so the same result),
 // with the key's nibbles unpacked once per block for the whole group instead of once per query, and no
 // call through the type traits per query
-void dot_q4_0_group(int64_t D, const void * k, const char * q, size_t q_stride, int64_t n_q, float * out, int64_t out_stride) {
+template <int N> // N queries: their accumulators stay in registers (a runtime count keeps them on the stack)
+void dot_q4_0_group_n(int64_t D, const void * k, const char * q, size_t q_stride, float * out, int64_t out_stride) {
     const auto * x = (const block_q4_0_view *) k;
-    __m256 acc[dot_group_max];
-    for (int64_t g = 0; g < n_q; ++g) {
+    __m256 acc[N];
+    for (int g = 0; g < N; ++g) {
         acc[g] = _mm256_setzero_ps();
     }
     for (int64_t ib = 0; ib < D/32; ++ib) {
@@ -309,7 +324,7 @@ void dot_q4_0_group(int64_t D, const void * k, const char * q, size_t q_stride, 
                                             _mm256_set1_epi8(8));
         const __m256i ax  = _mm256_sign_epi8(qx, qx);
         const float   dx  = fp16_to_f32(x[ib].d);
-        for (int64_t g = 0; g < n_q; ++g) {
+        for (int g = 0; g < N; ++g) {
             const auto * y = (const block_q8_0_view *) (q + g*q_stride) + ib;
             const __m256  d   = _mm256_set1_ps(dx*fp16_to_f32(y->d));
             const __m256i sy  = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) y->qs), qx);
@@ -317,27 +332,57 @@ void dot_q4_0_group(int64_t D, const void * k, const char * q, size_t q_stride, 
             acc[g] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[g]);
         }
     }
-    for (int64_t g = 0; g < n_q; ++g) {
+    for (int g = 0; g < N; ++g) {
         out[g*out_stride] = hsum(acc[g]);
+    }
+}
+
+void dot_q4_0_group(int64_t D, const void * k, const char * q, size_t q_stride, int64_t n_q, float * out, int64_t out_stride) {
+    static_assert(dot_group_max == 8, "one case per group size");
+    switch (n_q) {
+        case 1: dot_q4_0_group_n<1>(D, k, q, q_stride, out, out_stride); break;
+        case 2: dot_q4_0_group_n<2>(D, k, q, q_stride, out, out_stride); break;
+        case 3: dot_q4_0_group_n<3>(D, k, q, q_stride, out, out_stride); break;
+        case 4: dot_q4_0_group_n<4>(D, k, q, q_stride, out, out_stride); break;
+        case 5: dot_q4_0_group_n<5>(D, k, q, q_stride, out, out_stride); break;
+        case 6: dot_q4_0_group_n<6>(D, k, q, q_stride, out, out_stride); break;
+        case 7: dot_q4_0_group_n<7>(D, k, q, q_stride, out, out_stride); break;
+        case 8: dot_q4_0_group_n<8>(D, k, q, q_stride, out, out_stride); break;
+        default: GGML_ABORT("arkv: a GQA group of %d is read per query", (int) n_q);
     }
 }
 
 // out[g*out_stride] = k . q_g for n_q <= dot_group_max f32 queries q_g = q + g*D (one KV head's GQA group)
 // and an f16 key, converted once for the whole group; D % 8 == 0. llama.cpp's flash attention instead rounds
 // each query to f16 and converts the key once per query head
-void dot_f16_group(int64_t D, const ggml_fp16_t * k, const float * q, int64_t n_q, float * out, int64_t out_stride) {
-    __m256 acc[dot_group_max];
-    for (int64_t g = 0; g < n_q; ++g) {
+template <int N>
+void dot_f16_group_n(int64_t D, const ggml_fp16_t * k, const float * q, float * out, int64_t out_stride) {
+    __m256 acc[N];
+    for (int g = 0; g < N; ++g) {
         acc[g] = _mm256_setzero_ps();
     }
     for (int64_t i = 0; i < D; i += 8) {
         const __m256 kx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + i)));
-        for (int64_t g = 0; g < n_q; ++g) {
+        for (int g = 0; g < N; ++g) {
             acc[g] = _mm256_fmadd_ps(kx, _mm256_loadu_ps(q + g*D + i), acc[g]);
         }
     }
-    for (int64_t g = 0; g < n_q; ++g) {
+    for (int g = 0; g < N; ++g) {
         out[g*out_stride] = hsum(acc[g]);
+    }
+}
+
+void dot_f16_group(int64_t D, const ggml_fp16_t * k, const float * q, int64_t n_q, float * out, int64_t out_stride) {
+    switch (n_q) {
+        case 1: dot_f16_group_n<1>(D, k, q, out, out_stride); break;
+        case 2: dot_f16_group_n<2>(D, k, q, out, out_stride); break;
+        case 3: dot_f16_group_n<3>(D, k, q, out, out_stride); break;
+        case 4: dot_f16_group_n<4>(D, k, q, out, out_stride); break;
+        case 5: dot_f16_group_n<5>(D, k, q, out, out_stride); break;
+        case 6: dot_f16_group_n<6>(D, k, q, out, out_stride); break;
+        case 7: dot_f16_group_n<7>(D, k, q, out, out_stride); break;
+        case 8: dot_f16_group_n<8>(D, k, q, out, out_stride); break;
+        default: GGML_ABORT("arkv: a GQA group of %d is read per query", (int) n_q);
     }
 }
 #endif
