@@ -109,9 +109,8 @@ def passkey_prompt(llm: Llama, n_tokens: int, needles: list[tuple[float, str]],
     question. The filler repeats FILLER, or is a window of haystack's words that starts at a
     word drawn from rng (a real text: nothing makes the needle stand out but its content)."""
     if haystack is None:
-        units, sep = [FILLER], ""
         reps = max(1, n_tokens // len(llm.tokenize(FILLER.encode(), add_bos=False)))
-        units *= reps
+        units, sep = [FILLER] * reps, ""
     else:
         words = haystack.split()
 
@@ -124,7 +123,8 @@ def passkey_prompt(llm: Llama, n_tokens: int, needles: list[tuple[float, str]],
                              f"{n_words} that {n_tokens} tokens take")
         start = int((rng or np.random.default_rng(0)).integers(0, len(words) - n_words + 1))
         # the window's own tokens per word (the sample's may differ)
-        n_words = min(len(words) - start, int(n_tokens / tokens(words[start:start + n_words])))
+        n_words = min(len(words) - start,
+                      max(1, int(n_tokens / tokens(words[start:start + n_words]))))
         units, sep = words[start:start + n_words], " "
     parts, done = [], 0
     for depth, sentence in sorted(needles):
@@ -133,7 +133,7 @@ def passkey_prompt(llm: Llama, n_tokens: int, needles: list[tuple[float, str]],
         done = cut
     parts.append(sep.join(units[done:]))
     return ("There is a pass key hidden in the following text. Find it and remember it. "
-            + (sep or "").join(parts) + "\n" + question)
+            + sep.join(parts) + "\n" + question)
 
 
 def passkey(cfg: dict[str, Any]) -> dict[str, Any]:
