@@ -163,7 +163,7 @@ void add_f16_keys_n(float * acc, const float * s, int64_t n, const int64_t * key
     const int64_t G = n_head/H;
     for (int64_t hk = 0; hk < H; ++hk) {
         for (int64_t i = 0; i < D; i += 8) {
-            __m256 x[v_group];
+            __m256 x[NK];
             for (int64_t k = 0; k < nk; ++k) {
                 x[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v[k] + hk*D + i)));
             }
