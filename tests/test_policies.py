@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from arkv_local.policies.scores import (
     oq_ratios,
     smooth_by_position,
     spread_by_position,
+    token_peaks,
 )
 from arkv_local.policies.types import POOL_O, POOL_Q
 
@@ -74,6 +76,25 @@ def test_pooling_by_position_treats_each_kv_head_alone() -> None:
         top = np.empty(40)
         top[order] = np.lib.stride_tricks.sliding_window_view(by_pos, 15).max(1)
         np.testing.assert_array_equal(spread_by_position(score, pos, 15)[:, h], top)
+
+
+
+def test_token_peaks_by_hand() -> None:
+    # per (layer, head, row): sum(p^2) / sum(p); sinks [0, 1) and window (pos_max - 2, pos_max]
+    # count 0; the max over layers and heads, as a share of the largest
+    layer = SimpleNamespace
+    a = layer(pos=np.array([[0, 9], [3, 3], [5, 1], [9, 5]]),
+              mass=np.array([[1.0, 1.0], [0.5, 0.4], [0.2, 0.0], [1.0, 0.1]]),
+              mass_sq=np.array([[0.9, 1.0], [0.2, 0.04], [0.16, 0.0], [1.0, 0.01]]))
+    b = layer(pos=np.array([[2], [4]]), mass=np.array([[0.3], [0.0]]),
+              mass_sq=np.array([[0.12], [0.0]]))
+    # a, head 0: 0 and 9 out, 3 -> 0.4, 5 -> 0.8; head 1: 9 out, 3 -> 0.1, 1 -> 0 (no mass),
+    # 5 -> 0.1; b: 2 -> 0.4, 4 -> 0; then / 0.8
+    peaks = token_peaks([a, b], pos_max=9, sinks=1, window=2)
+    np.testing.assert_allclose(peaks, [0, 0, 0.5, 0.5, 0, 1, 0, 0, 0, 0])
+    # nothing attended: all zero (no division by zero)
+    none = layer(pos=np.array([[3]]), mass=np.zeros((1, 1)), mass_sq=np.zeros((1, 1)))
+    np.testing.assert_array_equal(token_peaks([none], 5, 0, 1), np.zeros(6))
 
 
 @pytest.mark.parametrize("cls", [ARKV, H2O])

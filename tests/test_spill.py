@@ -216,6 +216,30 @@ def test_recall_scores_rank_spilled_rows_for_every_policy() -> None:
             assert back == set(range(36, 40))
 
 
+
+def test_a_token_one_head_picks_out_comes_back_in_every_head() -> None:
+    # head 0 looks sharply at position 7 and faintly at 45, head 1 at 30: each head brings back
+    # its own span first, then the other head's sharp one (as sharp as at least RECALL_PEAK of
+    # the sharpest), not the faint one; when each head ranked alone it took the newest rows
+    from arkv_local.policies import Quant
+
+    pos_o = np.repeat(np.arange(60, 64)[:, None], 2, axis=1)
+    pos_s = np.repeat(np.arange(0, 60)[:, None], 2, axis=1)
+    mass_s = np.zeros((60, 2))
+    mass_s[7, 0], mass_s[45, 0], mass_s[30, 1] = 3.0, 0.9, 2.0  # sum(p^2)/sum(p): 3, 0.9, 2
+    zero_o, none = np.zeros((4, 2)), np.zeros((0, 2))
+    lv = LayerView(pos_o, none.astype(int), zero_o, zero_o, none, none, pos_s, mass_s, mass_s**2)
+    # 152 bytes: window 4 + room 1 in O (50), 34 Q slots (102) for 60 spilled rows
+    budget = Budget(layer_bytes=152, slot_o=10, slot_q=3, align=1, cap_s=64)
+    view = KVView([lv], n_queries=4, group=1, stats=None, pos_max=63, recall=True)
+    (plan,) = Quant(window=4, sinks=0, slack=1).plan(view, budget, room=1)
+    back = [{int(pos_s[s, h]) for s, f in zip(plan.q_src[:, h], plan.q_from[:, h], strict=True)
+             if f == POOL_S} for h in (0, 1)]
+    span = {p: set(range(p - 7, p + 8)) for p in (7, 30, 45)}
+    assert back[0] == span[7] | span[30] | {52, 51, 50, 49}  # then its own faint one, newest first
+    assert back[1] == span[30] | span[7] | {59, 58, 57, 56}  # then the newest: 45 is not shared
+
+
 # -- as a user sees it -----------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ and per cached row (O, Q and spilled), how important it is (`scores`). The plann
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -18,13 +19,16 @@ import numpy as np
 
 from .. import defaults
 from .planner import drop_rows, plan_layer
-from .scores import heavy_hitter, spread_by_position
+from .scores import heavy_hitter, share_of_max, spread_by_position, token_peaks
 from .types import Budget, KVView, LayerPlan, LayerView
 
 __all__ = ["Budget", "KVView", "LayerPlan", "LayerView", "Policy"]
 
 RECALL_GAMMA = 0.8  # the variance's weight in recall scores: heavy_hitter.GAMMA's value
 RECALL_SPAN = 15   # tokens around an attended one that come back with it (a number, a name)
+# a token's peak is shared by every head from this share of the sharpest look on: only the few
+# tokens some head singled out, the rest stays each head's own ranking (docs/BENCHMARKS.md)
+RECALL_PEAK = 0.5
 
 
 @dataclass
@@ -73,12 +77,24 @@ class Policy:
     def recall_scores(self, view: KVView, layer: int) -> np.ndarray:
         """After a recall pass (view.recall): the importance of every row, spilled ones included,
         to the prompt's last tokens, whose attention covered them all. Default, for every
-        policy: their heavy-hitter score, spread over the RECALL_SPAN tokens around each (what the
-        question attends to comes back with its span, whatever the policy ranks by while
-        decoding)."""
+        policy: the row's heavy-hitter score in its head, as a share of the head's largest among
+        the rows a plan may move, plus its token's peak (view.peaks: the sharpest look any head
+        gave it, as a share of the sharpest) where that is at least RECALL_PEAK, each spread
+        over the RECALL_SPAN tokens around it (what the question attends to comes back with its
+        span, whatever the policy ranks by while decoding). The peak is shared because few heads
+        retrieve: a token that one of them singles out comes back in every head, where each
+        head's own ranking would keep it only where it ranks near the top (docs/BENCHMARKS.md,
+        "Recall by shared peaks")."""
         lv = view.layers[layer]
         hh = heavy_hitter(lv.mass, lv.mass_sq, view.n_queries * view.group, RECALL_GAMMA)
-        return spread_by_position(hh, lv.pos, RECALL_SPAN)
+        peaks = view.peaks
+        if peaks is None:  # a view not made by plan()
+            peaks = token_peaks(view.layers, view.pos_max, self.sinks, self.window)
+        own = spread_by_position(hh, lv.pos, RECALL_SPAN)
+        movable = (lv.pos >= self.sinks) & (lv.pos <= view.pos_max - self.window)
+        shared = peaks[lv.pos]
+        shared[shared < RECALL_PEAK] = 0.0
+        return share_of_max(own, movable) + spread_by_position(shared, lv.pos, RECALL_SPAN)
 
     def prepare(self, view: KVView) -> None:
         """Before a view's layers are scored (at once): set up what they share."""
@@ -120,6 +136,9 @@ class Policy:
         planned on `threads` threads (numpy's passes over a layer's rows release the GIL); the
         plan is the same for any count."""
         room = max(room, self.slack)
+        if view.recall and view.peaks is None:  # shared by every layer's recall scores
+            view = dataclasses.replace(view, peaks=token_peaks(view.layers, view.pos_max,
+                                                               self.sinks, self.window))
         ratios = np.clip(np.asarray(self.ratios(view), np.float64), 0.0, 1.0)
         if ratios.shape != (len(view.layers),) or not np.isfinite(ratios).all():
             raise ValueError(f"{self.name}: ratios must be {len(view.layers)} finite numbers")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -32,6 +34,33 @@ def heavy_hitter(mass: np.ndarray, mass_sq: np.ndarray, n: int, gamma: float) ->
     hh *= gamma
     hh += mean
     return hh
+
+
+def token_peaks(layers: list[Any], pos_max: int, sinks: int, window: int) -> np.ndarray:
+    """Per position 0..pos_max, the sharpest look any KV head gave it, as a share of the
+    sharpest of all: per (layer, head, row), sum(p^2) / sum(p) over the queries that attended
+    to it (their mean attention, weighted by attention: close to the largest p any one of them
+    gave it, in [0, 1] in every head), the largest over every layer and head; the sinks and the
+    window count 0. Layers: anything with `pos`, `mass` and `mass_sq` (rows x heads), as
+    LayerView."""
+    peaks = np.zeros(pos_max + 1)
+    for lv in layers:
+        pos = lv.pos
+        mass = np.asarray(lv.mass, np.float64)
+        sharp = np.divide(lv.mass_sq, mass, out=np.zeros_like(mass), where=mass > 0)
+        sharp[(pos < sinks) | (pos > pos_max - window)] = 0.0
+        for h in range(pos.shape[1]):  # a position once per head: a plain gather and scatter
+            peaks[pos[:, h]] = np.maximum(peaks[pos[:, h]], sharp[:, h])
+    top = peaks.max(initial=0.0)
+    return peaks / top if top > 0 else peaks
+
+
+def share_of_max(x: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Each column (KV head) of the float array x divided by its largest value among the rows
+    marked in `among`, in place; a column without a positive one is left as it is."""
+    top = np.where(among, x, 0.0).max(axis=0, initial=0.0)
+    x /= np.where(top > 0, top, 1.0)
+    return x
 
 
 def smooth_by_position(score: np.ndarray, pos: np.ndarray, width: int = 5) -> np.ndarray:

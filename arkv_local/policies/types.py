@@ -72,6 +72,9 @@ class KVView:
     pos_max: int             # newest position
     recall: bool = False     # the scores are a prompt's tail attending to every row (spilled too)
     n_positions: int = 0     # positions stay below this (the context window); 0: not known
+    # recall views: per position 0..pos_max, the sharpest look any head gave it
+    # (scores.token_peaks; Policy.plan fills it in)
+    peaks: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
