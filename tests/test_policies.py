@@ -78,7 +78,6 @@ def test_pooling_by_position_treats_each_kv_head_alone() -> None:
         np.testing.assert_array_equal(spread_by_position(score, pos, 15)[:, h], top)
 
 
-
 def test_token_peaks_by_hand() -> None:
     # per (layer, head, row): sum(p^2) / sum(p); sinks [0, 1) and window (pos_max - 2, pos_max]
     # count 0; the max over layers and heads, as a share of the largest

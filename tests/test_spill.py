@@ -216,7 +216,6 @@ def test_recall_scores_rank_spilled_rows_for_every_policy() -> None:
             assert back == set(range(36, 40))
 
 
-
 def test_a_token_one_head_picks_out_comes_back_in_every_head() -> None:
     # head 0 looks sharply at position 7 and faintly at 45, head 1 at 30: each head brings back
     # its own span first, then the other head's sharp one (as sharp as at least RECALL_PEAK of
