@@ -21,9 +21,9 @@ from .policies.types import POOL_O, LayerPlan
 QUANT_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # ggml_type values
 QUANT_BLOCKS = {"q4_0": (32, 18), "q4_1": (32, 20), "q8_0": (32, 34)}  # values, bytes per block
 # how a decoded token attends over a layer with Q rows (enum llama_arkv_attn): "auto" takes the
-# fused CPU kernel for host pools and "segments" (flash attention over Q rows as they lie, and
-# over O rows, merged exactly) for device pools; "dequant" dequantizes Q rows to f16 for
-# llama.cpp's attention
+# fused kernel (one pass over Q and O rows) for host pools and for device pools whose backend
+# runs it (CUDA), else "segments" (flash attention over Q rows as they lie, and over O rows,
+# merged exactly); "dequant" dequantizes Q rows to f16 for llama.cpp's attention
 ATTN_PATHS = {"auto": 0, "dequant": 1, "segments": 2}
 
 

@@ -211,15 +211,15 @@ def plan_logits(path: str, ngl: int, fa: bool, attn: str) -> Any:
 
 
 def section_plan() -> list[dict[str, Any]]:
-    """A per-head quantizing plan decoded on the GPU (segments and dequant paths) against the
-    same plan on the CPU backend."""
+    """A per-head quantizing plan decoded on the GPU (auto: the fused kernels of
+    ggml-cuda-arkv.cu; segments; dequant) against the same plan on the CPU backend."""
     import numpy as np
 
     rows = []
     for name in TINY:
         for fa in (False, True):
             cpu = plan_logits(tiny(name), 0, fa, "auto")
-            for attn in ("segments", "dequant"):
+            for attn in ("auto", "segments", "dequant"):
                 t0 = time.perf_counter()
                 gpu = plan_logits(tiny(name), 99, fa, attn)
                 rows.append(dict(model=name, flash_attn=fa, attn=attn,
@@ -237,17 +237,18 @@ def section_sched(out: Path) -> dict[str, Any]:
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     (out / "gpu_sched.log").write_text(r.stderr[-4_000_000:])
     off: dict[str, list[str]] = {}  # "OP on BACKEND" -> node names
-    n_nodes = 0
+    n_nodes = n_custom = 0
     for line in r.stderr.splitlines():
         if not line.startswith("node #"):
             continue
         n_nodes += 1
         op = line.split("(", 1)[1].split(")", 1)[0].strip()
         backend = line.split("[", 1)[1].split()[0]
+        n_custom += op == "CUSTOM" and backend.startswith("CUDA")  # the fused attention's kernels
         if not backend.startswith("CUDA"):
             name = line.split(":", 1)[1].split("(")[0].strip()
             off.setdefault(f"{op} on {backend}", []).append(name)
-    return dict(rc=r.returncode, nodes=n_nodes, not_on_cuda={
+    return dict(rc=r.returncode, nodes=n_nodes, custom_on_cuda=n_custom, not_on_cuda={
         k: f"{len(v)} nodes, e.g. {', '.join(sorted(set(v))[:4])}" for k, v in off.items()})
 
 
@@ -340,15 +341,18 @@ def section_bench(depths: list[int], n_gen: int) -> list[dict[str, Any]]:
     return rows
 
 
-DECODE_CACHES = [("full", ""), ("q4_0", ""), ("quant", "segments"), ("quant", "dequant"),
-                 ("arkv", "segments"), ("arkv", "dequant")]
-PROFILE_CACHES = [("full", ""), ("q4_0", ""), ("quant", "segments"), ("arkv", "segments")]
+DECODE_CACHES = [("full", ""), ("q4_0", ""), ("quant", "auto"), ("arkv", "auto"),
+                 ("quant", "segments"), ("arkv", "segments"),
+                 ("quant", "dequant"), ("arkv", "dequant")]
+PROFILE_CACHES = [("full", ""), ("q4_0", ""), ("quant", "auto"), ("quant", "segments"),
+                  ("arkv", "auto"), ("arkv", "segments")]
 
 
 def section_decode(depth: int, n_gen: int, caches: list[tuple[str, str]] = DECODE_CACHES,
                    profile: bool = False) -> list[dict[str, Any]]:
     """Steady-state decode tok/s on the bench model (no plan during the timing): the f16 and
-    q4_0 caches, and quant/arkv at 25% through the segments and the dequant paths. With
+    q4_0 caches, and quant/arkv at 25% through the fused kernels (auto), the segments and the
+    dequant paths. With
     `profile`, the timed tokens run under PyTorch's profiler (CUPTI sees every kernel of the
     process, ggml's too): where a token's device time goes."""
     import functools

@@ -481,7 +481,8 @@ struct key_rows {
 // one exp per key and query row, then the V rows read once each and added with those weights. Within a
 // chunk no running max is rescaled: the chunks are short (n_kv/n_chunk keys) and their scratch stays in cache.
 void arkv_attn_partial(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const auto * p = (const llama_arkv_attn_params *) userdata;
+    GGML_UNUSED(userdata);
+    const llama_arkv_attn_params * p = llama_arkv_attn_params_of(dst);
     const ggml_tensor * q    = dst->src[0];
     const ggml_tensor * mask = dst->src[3];
     const key_rows kr(dst, p);
@@ -765,7 +766,8 @@ void accumulate_scores(ggml_tensor * dst, const llama_arkv_attn_params * p, cons
 
 // src: part[, acc_o[, acc_lo][, acc_s]]
 void arkv_attn_combine(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const auto * p = (const llama_arkv_attn_params *) userdata;
+    GGML_UNUSED(userdata);
+    const llama_arkv_attn_params * p = llama_arkv_attn_params_of(dst);
     const int64_t n_head = p->n_head;
     const int64_t D      = dst->ne[0]/n_head;
     const int64_t n_tok  = dst->ne[1];
@@ -799,7 +801,8 @@ void arkv_attn_combine(ggml_tensor * dst, int ith, int nth, void * userdata) {
 // src: p [n_kv_p, n_sel, n_head] (F32, contiguous), acc_o[, acc_lo][, acc_s]: p and p^2 summed over the queries
 // and the GQA group in one pass (keys split over threads), as accumulate_scores does for the fused attention
 void arkv_scores(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const auto * p = (const llama_arkv_attn_params *) userdata;
+    GGML_UNUSED(userdata);
+    const llama_arkv_attn_params * p = llama_arkv_attn_params_of(dst);
     const ggml_tensor * probs = dst->src[0];
     const int64_t n_sel  = probs->ne[1];
     const int64_t n_head = probs->ne[2];
@@ -875,7 +878,21 @@ void arkv_rows_t(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// gives op its copy of p, after ggml's own custom op params (fun, n_tasks, userdata)
+ggml_tensor * with_params(ggml_tensor * op, const llama_arkv_attn_params & p) {
+    static_assert(3*sizeof(void *) <= LLAMA_ARKV_ATTN_PARAMS_OFFS, "ggml_custom_op_params fits before the params");
+    memcpy((char *) op->op_params + LLAMA_ARKV_ATTN_PARAMS_OFFS, &p, sizeof(p));
+    return op;
+}
+
 } // namespace
+
+bool llama_arkv_attn_bind_device(ggml_backend_dev_t dev) {
+    using bind_fn = bool (*)(const char * name, ggml_custom_op_t fun);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    const auto bind = reg ? (bind_fn) ggml_backend_reg_get_proc_address(reg, "ggml_backend_custom_op_bind") : nullptr;
+    return bind && bind("arkv_attn_partial", arkv_attn_partial) && bind("arkv_attn_combine", arkv_attn_combine);
+}
 
 ggml_tensor * llama_arkv_rows_t_cpu(ggml_context * ctx, ggml_tensor * const * parts, int n_parts) {
     ggml_tensor * args[GGML_MAX_SRC];
@@ -896,39 +913,39 @@ ggml_tensor * llama_arkv_rows_t_cpu(ggml_context * ctx, ggml_tensor * const * pa
 
 ggml_tensor * llama_arkv_scores_cpu(ggml_context * ctx, ggml_tensor * probs, const llama_arkv_attn_rows & lo,
                                     const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o,
-                                    llama_arkv_attn_params * p) {
-    GGML_ASSERT(o.acc && (p->n_lo == 0 || lo.acc) && (p->n_s == 0 || s.acc));
+                                    const llama_arkv_attn_params & p) {
+    GGML_ASSERT(o.acc && (p.n_lo == 0 || lo.acc) && (p.n_s == 0 || s.acc));
     GGML_ASSERT(probs->type == GGML_TYPE_F32 && ggml_is_contiguous(probs));
-    GGML_ASSERT(probs->ne[0] >= p->n_lo + p->n_s + p->n_o && probs->ne[2] % o.acc->ne[0] == 0);
+    GGML_ASSERT(probs->ne[0] >= p.n_lo + p.n_s + p.n_o && probs->ne[2] % o.acc->ne[0] == 0);
     ggml_tensor * args[4] = { probs, o.acc };
     int n = 2;
-    if (p->n_lo > 0) {
+    if (p.n_lo > 0) {
         args[n++] = lo.acc;
     }
-    if (p->n_s > 0) {
+    if (p.n_s > 0) {
         args[n++] = s.acc;
     }
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, n, arkv_scores, GGML_N_TASKS_MAX, p);
+    return with_params(ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, n, arkv_scores, GGML_N_TASKS_MAX, nullptr), p);
 }
 
 ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, const llama_arkv_attn_rows & lo,
                                   const llama_arkv_attn_rows & s, const llama_arkv_attn_rows & o, ggml_tensor * mask,
-                                  llama_arkv_attn_params * p) {
+                                  const llama_arkv_attn_params & p) {
     const int64_t D      = q->ne[0];
     const int64_t n_head = q->ne[1];
     const int64_t n_tok  = q->ne[2];
-    const int64_t n_kv   = p->n_lo + p->n_s + p->n_o;
+    const int64_t n_kv   = p.n_lo + p.n_s + p.n_o;
     GGML_ASSERT(q->type == GGML_TYPE_F32 && o.k->type == GGML_TYPE_F16 && o.v->type == GGML_TYPE_F16);
-    GGML_ASSERT(p->n_head == n_head && o.k->ne[0] % D == 0 && n_head % (o.k->ne[0]/D) == 0);
-    GGML_ASSERT(p->n_sel >= 0 && p->n_sel <= n_tok && p->n_chunk >= 1 && n_kv > 0);
-    GGML_ASSERT(p->n_lo == 0 || (lo.k && lo.v && lo.k->type == lo.v->type));
-    GGML_ASSERT(p->n_s == 0 || (s.k && s.v && s.k->type == s.v->type));
-    GGML_ASSERT(p->n_lo == 0 || p->n_s == 0 || lo.k->type == s.k->type); // one quantized type
-    GGML_ASSERT(p->n_sel == 0 || (o.acc && (p->n_lo == 0 || lo.acc) && (p->n_s == 0 || s.acc)));
+    GGML_ASSERT(p.n_head == n_head && o.k->ne[0] % D == 0 && n_head % (o.k->ne[0]/D) == 0);
+    GGML_ASSERT(p.n_sel >= 0 && p.n_sel <= n_tok && p.n_chunk >= 1 && n_kv > 0);
+    GGML_ASSERT(p.n_lo == 0 || (lo.k && lo.v && lo.k->type == lo.v->type));
+    GGML_ASSERT(p.n_s == 0 || (s.k && s.v && s.k->type == s.v->type));
+    GGML_ASSERT(p.n_lo == 0 || p.n_s == 0 || lo.k->type == s.k->type); // one quantized type
+    GGML_ASSERT(p.n_sel == 0 || (o.acc && (p.n_lo == 0 || lo.acc) && (p.n_s == 0 || s.acc)));
     GGML_ASSERT(mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32);
     // the V readers work per block of 32 (the block layouts above are checked against ggml's)
-    if (p->n_lo > 0 || p->n_s > 0) {
-        const ggml_type type_q = (p->n_lo > 0 ? lo : s).v->type;
+    if (p.n_lo > 0 || p.n_s > 0) {
+        const ggml_type type_q = (p.n_lo > 0 ? lo : s).v->type;
         GGML_ASSERT(D % ggml_blck_size(type_q) == 0);
         switch (type_q) {
             case GGML_TYPE_Q4_0: GGML_ASSERT(ggml_type_size(type_q) == sizeof(block_q4_0_view)); break;
@@ -940,30 +957,33 @@ ggml_tensor * llama_arkv_attn_cpu(ggml_context * ctx, ggml_tensor * q, const lla
 
     ggml_tensor * args_a[8] = { q, o.k, o.v, mask };
     int n_a = 4;
-    if (p->n_lo > 0) {
+    if (p.n_lo > 0) {
         args_a[n_a++] = lo.k;
         args_a[n_a++] = lo.v;
     }
-    if (p->n_s > 0) {
+    if (p.n_s > 0) {
         args_a[n_a++] = s.k;
         args_a[n_a++] = s.v;
     }
-    const int64_t n_part = p->n_chunk*n_tok*n_head*(D + 2) + p->n_sel*n_head*n_kv;
-    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, n_part, 1, 1, 1, args_a, n_a, arkv_attn_partial,
-                                        GGML_N_TASKS_MAX, p);
+    // per chunk [M | S | acc] per (query, head), the scored queries' values per key, and [max | sum] per (query, head)
+    // (a device's combine writes it: ggml-cuda-arkv.cu)
+    const int64_t n_part = p.n_chunk*n_tok*n_head*(D + 2) + p.n_sel*n_head*n_kv + 2*n_tok*n_head;
+    ggml_tensor * part = with_params(ggml_custom_4d(ctx, GGML_TYPE_F32, n_part, 1, 1, 1, args_a, n_a, arkv_attn_partial,
+                                                    GGML_N_TASKS_MAX, nullptr), p);
 
     ggml_tensor * args_b[4] = { part };
     int n_b = 1;
-    if (p->n_sel > 0) {
+    if (p.n_sel > 0) {
         args_b[n_b++] = o.acc;
-        if (p->n_lo > 0) {
+        if (p.n_lo > 0) {
             args_b[n_b++] = lo.acc;
         }
-        if (p->n_s > 0) {
+        if (p.n_s > 0) {
             args_b[n_b++] = s.acc;
         }
     }
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, D*n_head, n_tok, 1, 1, args_b, n_b, arkv_attn_combine, GGML_N_TASKS_MAX, p);
+    return with_params(ggml_custom_4d(ctx, GGML_TYPE_F32, D*n_head, n_tok, 1, 1, args_b, n_b, arkv_attn_combine,
+                                      GGML_N_TASKS_MAX, nullptr), p);
 }
 
 #else // the CPU backend is not linked into libllama (GGML_BACKEND_DL): the dequantizing path only
@@ -972,13 +992,17 @@ bool llama_arkv_attn_cpu_available() {
     return false;
 }
 
+bool llama_arkv_attn_bind_device(ggml_backend_dev_t) {
+    return false;
+}
+
 ggml_tensor * llama_arkv_attn_cpu(ggml_context *, ggml_tensor *, const llama_arkv_attn_rows &, const llama_arkv_attn_rows &,
-                                  const llama_arkv_attn_rows &, ggml_tensor *, llama_arkv_attn_params *) {
+                                  const llama_arkv_attn_rows &, ggml_tensor *, const llama_arkv_attn_params &) {
     GGML_ABORT("arkv: the fused CPU attention is not built in");
 }
 
 ggml_tensor * llama_arkv_scores_cpu(ggml_context *, ggml_tensor *, const llama_arkv_attn_rows &, const llama_arkv_attn_rows &,
-                                    const llama_arkv_attn_rows &, llama_arkv_attn_params *) {
+                                    const llama_arkv_attn_rows &, const llama_arkv_attn_params &) {
     GGML_ABORT("arkv: the CPU scores are not built in");
 }
 

@@ -18,7 +18,8 @@
 //   cast (F32 -> F16), concat (F16, F32), cont, mul_mat, soft_max_ext, sqr, sum_rows, sum, add, sub, mul,
 //   div, scale, scale_bias, log, clamp, cpy (F32)
 // and, for pools in host memory only, the two custom ops of the fused decode attention, the scores op of a
-// prompt's ubatches and the op that hands them V transposed without flash attention (llama-arkv-attn-cpu.h)
+// prompt's ubatches and the op that hands them V transposed without flash attention (llama-arkv-attn-cpu.h);
+// the two fused ops also on a device whose backend implements them (CUDA: ggml-cuda-arkv.cu; Metal: not yet)
 
 static constexpr uint32_t ARKV_N_KV_PAD = 256; // rows read are padded: graphs can be reused, ggml-cuda's FA vector kernel needs it
 static constexpr uint32_t ARKV_DEQ_ALIGN = 16; // rows the dequant path reads: llamafile's tinyBLAS (CPU) takes only
@@ -239,12 +240,15 @@ llama_kv_cache_arkv::attn_path llama_kv_cache_arkv::choose_attn_path(const llm_g
     const bool decode = arkv_decoding(n_tokens, lay.prompt);
     // the fused kernel reads pools in host memory where they lie. Decoding, also over O rows alone: it reads each
     // f16 key once per GQA group and scores as it goes (llama.cpp's attention reads it once per query head, then
-    // scores again). A recall pass: the spilled rows are read in place, no f16 copy of them in the compute buffer
+    // scores again). A recall pass: the spilled rows are read in place, no f16 copy of them in the compute buffer.
+    // On a device that runs it: decoding over LO and O rows (over O rows alone, llama.cpp's attention is bit-exact
+    // with the stock cache; the spill is in host memory)
+    const bool host  = ggml_backend_buffer_is_host(l.k_arena->buffer);
     const bool fused = !lay.stats && !gctx.hparams.attn_soft_cap && params.attn == LLAMA_ARKV_ATTN_AUTO &&
-                       llama_arkv_attn_cpu_available() && ggml_backend_buffer_is_host(l.k_arena->buffer) &&
-                       (v.n_s > 0 ? lay.recall : decode);
+                       llama_arkv_attn_cpu_available() &&
+                       (host ? (v.n_s > 0 ? lay.recall : decode) : l.dev_fused && decode && v.n_s == 0 && v.n_lo > 0);
     if (fused) {
-        return ATTN_FUSED_CPU;
+        return ATTN_FUSED;
     }
     if (v.n_lo == 0 && v.n_s == 0) {
         // only O rows, otherwise (prefill, device pools, attn "dequant"): llama.cpp's attention, bit-exact with
@@ -483,26 +487,32 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
     ggml_tensor * v_o;
     build_store(ctx0, gf, inp, l, ikv, k_cur, v_cur, &k_o, &v_o);
 
-    const attn_path path = choose_attn_path(gctx, l, v, n_tokens, inp->lay);
-    if (path == ATTN_FUSED_CPU) {
-        llama_arkv_attn_params & ap = inp->attn[ikv];
-        ap.scale   = kq_scale;
-        ap.n_head  = q_cur->ne[1];
-        ap.n_lo    = v.n_lo;
-        ap.n_s     = v.n_s;
-        ap.n_o     = v.n_o_pad;
-        ap.start   = v.start;
-        ap.n_sel   = n_sel;
-        // chunks of >= 64 keys, at most 64 (fewer for the many queries of a recall pass: the partial results
-        // are n_chunk*n_tokens rows)
-        ap.n_chunk = std::clamp<int64_t>(n_kv/64, 1, std::clamp<int64_t>(512/n_tokens, 8, 64));
+    attn_path path = choose_attn_path(gctx, l, v, n_tokens, inp->lay);
+    if (path == ATTN_FUSED) {
+        llama_arkv_attn_params ap;
+        ap.scale  = kq_scale;
+        ap.n_head = q_cur->ne[1];
+        ap.n_lo   = v.n_lo;
+        ap.n_s    = v.n_s;
+        ap.n_o    = v.n_o_pad;
+        ap.start  = v.start;
+        ap.n_sel  = n_sel;
+        // CPU: chunks of >= 64 keys, at most 64 (fewer for the many queries of a recall pass: the partial results
+        // are n_chunk*n_tokens rows). A device: one block per chunk and KV head, chunks of >= 256 keys, at most 128
+        // (1024 blocks for 8 KV heads; the partial results are written and read back once)
+        ap.n_chunk = l.dev_fused ? std::clamp<int64_t>(n_kv/256, 1, std::clamp<int64_t>(1024/n_tokens, 16, 128))
+                                 : std::clamp<int64_t>(n_kv/64, 1, std::clamp<int64_t>(512/n_tokens, 8, 64));
         ggml_tensor * out = llama_arkv_attn_cpu(ctx0, q_cur, { l.k_lo, l.v_lo, n_sel ? l.acc_lo : nullptr },
                                                 { l.k_s, l.v_s, n_sel ? l.acc_s : nullptr },
-                                                { k_o, v_o, n_sel ? l.acc_o : nullptr }, inp->self_kq_mask, &ap);
-        if (v.n_s > 0 && spill_map) {
-            ggml_build_forward_expand(gf, build_release_spill(ctx0, out, ikv));
+                                                { k_o, v_o, n_sel ? l.acc_o : nullptr }, inp->self_kq_mask, ap);
+        if (!l.dev_fused || (ggml_backend_dev_supports_op(l.dev_fused, out->src[0]) &&
+                             ggml_backend_dev_supports_op(l.dev_fused, out))) {
+            if (v.n_s > 0 && spill_map) {
+                ggml_build_forward_expand(gf, build_release_spill(ctx0, out, ikv));
+            }
+            return out;
         }
-        return out;
+        path = ATTN_SEGMENTS; // a shape the device's kernels do not take (the two ops stay out of the graph)
     }
 
     // this layer's window of the shared mask (the mask ops need it contiguous)
@@ -533,7 +543,7 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
             host(v.n_s ? l.acc_s : nullptr)) {
             // host accumulators: one pass over p on the CPU (build_scores' transposed copy of p goes element by
             // element there: 0.7 of 19.6 s reading 12k tokens, docs/PROFILE.md)
-            llama_arkv_attn_params & ap = inp->attn[ikv];
+            llama_arkv_attn_params ap;
             ap.n_head = q_cur->ne[1];
             ap.n_lo   = v.n_lo;
             ap.n_s    = v.n_s;
@@ -541,7 +551,7 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
             ap.n_sel  = n_sel;
             ggml_build_forward_expand(gf, llama_arkv_scores_cpu(ctx0, p, { nullptr, nullptr, l.acc_lo },
                                                                 { nullptr, nullptr, l.acc_s },
-                                                                { nullptr, nullptr, l.acc_o }, &ap));
+                                                                { nullptr, nullptr, l.acc_o }, ap));
         } else {
             build_scores(ctx0, gf, l, v, p);
         }
@@ -602,7 +612,6 @@ llm_graph_input_attn_kv * llama_arkv_build_attn_inp(const llm_graph_context & gc
 
     auto inp = std::make_unique<llm_graph_input_attn_kv_arkv>(gctx.hparams, gctx.cparams, mctx);
     inp->lay = mctx->get_layout();
-    inp->attn.resize(kv->n_layer()); // never resized again: the fused ops point into it
 
     inp->self_k_idxs = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, n_tokens*kv->n_layer());
     ggml_set_input(inp->self_k_idxs);

@@ -17,7 +17,7 @@ extern "C" {
     // how a small ubatch (decoding, <= 8 tokens) attends over a layer with Q rows; larger ubatches
     // always dequantize Q rows into f16 and run llama.cpp's attention (prefill is compute-bound)
     enum llama_arkv_attn {
-        LLAMA_ARKV_ATTN_AUTO     = 0, // host pools: the fused CPU kernel (when built in); else SEGMENTS
+        LLAMA_ARKV_ATTN_AUTO     = 0, // the fused kernel: host pools, or a device that runs it (CUDA); else SEGMENTS
         LLAMA_ARKV_ATTN_DEQUANT  = 1, // Q rows dequantized to f16, concatenated with O, stock attention
         LLAMA_ARKV_ATTN_SEGMENTS = 2, // flash attention over Q rows as they lie and over O rows, merged exactly
     };

@@ -150,6 +150,9 @@ void llama_kv_cache_arkv::alloc_layers(const llama_cparams & cparams, uint32_t c
         l.acc_o   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_head_kv_, cap_o_max, 2);
         l.acc_lo  = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_head_kv_, std::max<uint32_t>(cap_lo_max, 1), 2);
         l.stats   = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 3);
+        if (!ggml_backend_buft_is_host(buft) && llama_arkv_attn_bind_device(ggml_backend_buft_get_device(buft))) {
+            l.dev_fused = ggml_backend_buft_get_device(buft); // decoding over these pools: its kernels (choose_attn_path)
+        }
         ggml_format_name(l.k_arena, "arkv_k_l%d", il);
         ggml_format_name(l.v_arena, "arkv_v_l%d", il);
         ggml_format_name(l.acc_o, "arkv_acc_o_l%d", il);

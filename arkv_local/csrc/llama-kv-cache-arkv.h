@@ -42,6 +42,7 @@ public:
 
         ggml_tensor * k_arena; // I8 [arena_alloc_bytes()]
         ggml_tensor * v_arena;
+        ggml_backend_dev_t dev_fused = nullptr; // the arenas' device when it runs the fused attention ops
 
         uint32_t cap_o  = 0; // slots in the O pool
         uint32_t cap_lo = 0; // slots in the LO pool
@@ -199,7 +200,8 @@ public:
     enum attn_path {
         ATTN_STOCK,     // only O rows: llama.cpp's attention over them
         ATTN_DEQUANT,   // LO rows dequantized to f16 and concatenated with O: llama.cpp's attention
-        ATTN_FUSED_CPU, // one pass over LO, S and O rows in host memory (llama-arkv-attn-cpu.h)
+        ATTN_FUSED,     // one pass over LO, S and O rows in host memory, or LO and O rows on a device that
+                        // implements it (llama-arkv-attn-cpu.h)
         ATTN_SEGMENTS,  // flash attention over LO rows as they lie and over O rows, merged exactly
     };
     attn_path choose_attn_path(const llm_graph_context & gctx, const layer & l, const view & v, int64_t n_tokens,
@@ -359,8 +361,6 @@ public:
     ggml_tensor * lo_mask   = nullptr; // F16 [n_lo_max + lo_pad_max, n_tokens]: the LO rows' mask (segments path)
 
     llama_kv_cache_arkv::layout lay; // what the graph was built for
-
-    std::vector<llama_arkv_attn_params> attn; // [n_layer]: the fused attention ops' parameters
 
     const llama_kv_cache_arkv_context * mctx_arkv;
 };
