@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from arkv_local import defaults
-from arkv_local.policies.planner import drop_rows, plan_layer, slot_counts
+from arkv_local.policies.planner import drop_rows, plan_layer, slot_counts, spill_to_o
 from arkv_local.policies.types import POOL_O, POOL_Q, POOL_S, Budget, LayerView
 
 
@@ -41,7 +41,7 @@ def ref_plan_layer(lv, score, ratio, budget, room, pos_max, *, window, sinks, qu
         fixed = np.flatnonzero(protected[:, h])
         cand = np.setdiff1d(np.arange(len(pos)), fixed, assume_unique=True)
         cand = cand[np.lexsort((-pos[cand, h], -rank[cand, h]))]
-        may_o = pool[cand] != POOL_Q if not quantize else pool[cand] == POOL_O
+        may_o = pool[cand] != POOL_Q if spill_to_o(quantize, ratio) else pool[cand] == POOL_O
         keep_o = cand[may_o][: n_fixed - len(fixed) + n_o_keep]
         rest = cand[~np.isin(cand, keep_o)]
         to_q, to_s = rest[:n_q_keep], rest[n_q_keep : n_q_keep + n_s_keep]
@@ -104,7 +104,7 @@ def test_plans_match_the_per_head_planner(seed: int) -> None:
     n_fixed = int(((lv.pos_o > pos_max - window) | (lv.pos_o < sinks)).sum(0).max(initial=0))
     budget = Budget(layer_bytes=int((n_fixed + room) * 10 + rng.integers(0, 600)), slot_o=10,
                     slot_q=3, align=1, cap_s=cap_s)
-    ratio = float(rng.random())
+    ratio = 1.0 if rng.random() < 0.2 else float(rng.random())  # 1: ARKV's top layer
     kw = dict(window=window, sinks=sinks, quantize=quantize, cap_s=cap_s)
     plan = plan_layer(lv, score, ratio, budget, room, pos_max, **kw)
     cap_o, want = ref_plan_layer(lv, score, ratio, budget, room, pos_max, **kw)
@@ -255,3 +255,25 @@ def test_plans_on_threads_equal_plans_on_one(policy: str) -> None:
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
         one.plan(view, budget, 64, threads=0)
+
+
+def test_a_layer_kept_in_f16_takes_its_spilled_rows_back_into_o() -> None:
+    # ARKV gives its highest-scoring layer ratio 1 (every other layer less): all of its bytes
+    # buy O slots and it has no Q slot. Spilled rows of a quantizing policy come back into Q
+    # only, so there they never came back; they take O slots, as with a policy without Q
+    o = np.array([[1], [2], [3], [4], [5], [6], [7], [8], [19], [20]], np.int32)  # 19, 20: window
+    s = np.array([[9], [10], [11]], np.int32)
+    z = np.zeros((0, 1))
+    lv = LayerView(o, np.zeros((0, 1), np.int32), z, z, z, z, s, z, z)
+    score = np.array([[0.1]] * 10 + [[1.0]] * 3)  # the question looked at the spilled rows
+    budget = Budget(layer_bytes=90, slot_o=10, slot_q=3, align=1, cap_s=3)  # 9 O slots
+    kw = dict(window=2, sinks=0, cap_s=3)
+    assert budget.cap_q(9) == 0
+    plan = plan_layer(lv, score, 1.0, budget, 1, 20, quantize=True, **kw)
+    assert plan.cap_o == 9 and plan.q_src.shape[0] == 0
+    came_back = plan.o_from[:, 0] == POOL_S
+    assert sorted(s[plan.o_src[came_back, 0], 0]) == [9, 10, 11]
+    # below ratio 1 the layer has Q slots, and the spilled rows come back there
+    plan = plan_layer(lv, score, 0.5, budget, 1, 20, quantize=True, **kw)
+    assert (plan.o_from != POOL_S).all()
+    assert sorted(s[plan.q_src[plan.q_from[:, 0] == POOL_S, 0], 0]) == [9, 10, 11]

@@ -20,8 +20,8 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
                layer: int = 0) -> LayerPlan:
     """One layer's plan. `score` ranks every row (O, then Q, then S, as `lv.pos`). `ratio` of
     the bytes beyond the window, sinks and room buys O slots (all of them when not `quantize`),
-    Q takes what the O pool leaves. Spilled rows come back into Q, or into O for a policy
-    without Q; they stay in their S slots otherwise, so that a plan moves only what changes."""
+    Q takes what the O pool leaves. Spilled rows come back into Q, or into O (spill_to_o); they
+    stay in their S slots otherwise, so that a plan moves only what changes."""
     n_o, n_q, n_s = lv.n_rows
     pos = np.ascontiguousarray(lv.pos.T)  # (head, row): every head at once, its rows contiguous
     n_rows = len(lv.pos)
@@ -39,7 +39,7 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
     key = _rank_key(score, recent, pos)
     fixed = np.zeros_like(recent)
     fixed[:, :n_o] = protected
-    n_may = n_o if quantize else n_rows  # rows that may take an O slot lie before
+    n_may = n_rows if spill_to_o(quantize, ratio) else n_o  # rows that may take O lie before
     may_o = ~fixed[:, :n_may]
     may_o[:, n_o:n_o + n_q] = False
     keep_o = np.zeros_like(fixed)
@@ -49,6 +49,13 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
     q_src, q_from = _in_place(to_q, pos, lv.n_rows, POOL_Q)
     s_src, s_from = _in_place(to_s, pos, lv.n_rows, POOL_S)
     return LayerPlan(cap_o, o_src, q_src, q_from, s_src, s_from, o_from)
+
+
+def spill_to_o(quantize: bool, ratio: float) -> bool:
+    """Whether spilled rows may come back into O slots: for a policy without Q, and in a layer
+    kept in f16 (ratio 1, as ARKV's highest-scoring layer), whose Q slots are at most what the O
+    pool leaves over; else they come back into Q (and never in such a layer)."""
+    return not quantize or ratio >= 1.0
 
 
 def slot_counts(n_rows: tuple[int, int, int], n_fixed: int, ratio: float, budget: Budget,
@@ -65,7 +72,7 @@ def slot_counts(n_rows: tuple[int, int, int], n_fixed: int, ratio: float, budget
             f"layer {layer}: a budget of {budget.layer_bytes} bytes cannot hold the window "
             f"and sinks ({n_fixed} tokens) plus room for {room} new tokens in f16")
     n_cand = n_o - n_fixed + n_q + n_s
-    n_o_cand = n_o - n_fixed + (0 if quantize else n_s)  # rows that may take an O slot
+    n_o_cand = n_o - n_fixed + (n_s if spill_to_o(quantize, ratio) else 0)  # may take an O slot
     o_budget = int(ratio * free) // budget.slot_o if quantize else free // budget.slot_o
     n_o_keep = min(o_budget, n_o_cand)
     cap_o = n_fixed + n_o_keep + room
