@@ -8,9 +8,9 @@
 // pass (output, then score accumulation split over keys). Used for small ubatches (decoding) and for
 // recall passes when the pools live in host memory; for decoding over a device's pools where its backend
 // implements the two ops (llama_arkv_attn_bind_device; CUDA: ggml-cuda-arkv.cu). LO and S rows are read
-// as they are: K . q on q4_0 rows in integers against the query quantized once to q8_0 (the key's nibbles unpacked once per GQA
-// group), V rows dequantized with SIMD into a small buffer and added in groups of keys. Where the time
-// goes: docs/PROFILE.md.
+// as they are: K . q on q4_0 rows in integers against the query quantized once to q8_0 (the key's
+// nibbles unpacked once per GQA group), V rows dequantized with SIMD into a small buffer and added in
+// groups of keys. Where the time goes: docs/PROFILE.md.
 //
 // A third op adds the probabilities of llama.cpp's attention (a prompt's ubatches over host pools) to the
 // accumulators in one pass, as the combine pass does. A fourth hands that attention V transposed, as llama.cpp's own
