@@ -104,6 +104,11 @@ inline void __syncthreads() {
     emu::blk->bar->arrive_and_wait();
 }
 
+inline float __shfl_xor_sync(unsigned mask, float x, int offset) {
+    (void) mask; // every lane takes part, as in the kernels
+    return emu::shfl_xor(x, offset);
+}
+
 inline float warp_reduce_sum(float x) {
     for (int offset = WARP_SIZE/2; offset > 0; offset >>= 1) {
         x += emu::shfl_xor(x, offset);

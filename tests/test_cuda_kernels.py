@@ -147,6 +147,8 @@ CASES = {
     "q8_0": dict(D=96, n_head=4, H=1, n_tok=2, n_lo=130, n_o=70, n_chunk=1, n_sel=0, quant="q8_0"),
     # 32 rows per block, the largest: 8 queries x groups of 4 (one tile spans LO and O rows)
     "32-rows": dict(D=64, n_head=8, H=2, n_tok=8, n_lo=90, n_o=60, n_chunk=2, n_sel=8),
+    # heads of 256: 32 elements of a key per lane in the logits
+    "d256": dict(D=256, n_head=4, H=2, n_tok=1, n_lo=100, n_o=80, n_chunk=2, n_sel=1),
     "mha-no-lo": dict(D=64, n_head=2, H=2, n_tok=4, n_lo=0, n_o=140, n_chunk=2, n_sel=1),
 }
 

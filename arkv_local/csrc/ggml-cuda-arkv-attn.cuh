@@ -1,8 +1,9 @@
 // The fused decode attention's kernels (ggml-cuda-arkv.cu runs them on ggml-cuda's stream), and their host side:
 // which ops they take, and the launches from an op's tensors and params. Written against a few CUDA primitives
-// only (common.cuh's warp reductions, half conversions, the thread and block indices, __syncthreads and
-// arkv_smem(), the dynamic shared memory), so that tests/cuda_emu.cpp compiles the same code for the CPU, with
-// one OS thread per CUDA thread, and checks it against numpy (tests/test_cuda_kernels.py).
+// only (common.cuh's warp reductions, __shfl_xor_sync, half conversions, the thread and block indices,
+// __syncthreads and arkv_smem(), the dynamic shared memory), so that tests/cuda_emu.cpp compiles the same
+// code for the CPU, with one OS thread per CUDA thread, and checks it against numpy
+// (tests/test_cuda_kernels.py).
 //
 // The fused attention (llama-arkv-attn-cpu.h) on device pools: one pass over a layer's q4_0 (q4_1, q8_0) LO
 // rows and its f16 O rows, read where they lie, for the few queries of a decoded ubatch, and the scored
@@ -10,7 +11,7 @@
 // the LO rows twice (flash attention, then the logits for the merge weight and the scores) in ~20 graph nodes
 // per layer (docs/GPU.md, first run). Two ops, as on the CPU:
 //   partial: one block per (chunk of keys, KV head), all query heads of its GQA group and all queries:
-//            logits (one warp per key), an online softmax over tiles of keys, V added in registers; writes the
+//            logits (8 lanes per key), an online softmax over tiles of keys, V added in registers; writes the
 //            chunk's max, sum and weighted V per (query, head), and the scored queries' logits;
 //   combine: the output (one block per (query, head)) and that row's final max and sum, then the scores
 //            (one thread per key: p and p^2 summed over the scored queries and the group, added in place).
@@ -29,7 +30,9 @@ static __device__ __forceinline__ float * arkv_smem() {
 #endif
 
 static constexpr int ARKV_KT    = 64;  // keys per tile of the partial kernel (its logits sit in shared memory)
-static constexpr int ARKV_D_MAX = 256; // head sizes up to this (one thread per element, 8 per lane in the logits)
+static constexpr int ARKV_D_MAX = 256; // head sizes up to this (one thread per element in the V sums)
+static constexpr int ARKV_L     = 8;   // lanes per key in the logits (a power of 2): D/8 elements each
+static constexpr int ARKV_KPW   = WARP_SIZE/ARKV_L; // keys a warp takes at once
 static constexpr int ARKV_R_MAX = 32;  // (query, head of the group) rows per block: n_tokens*G
 
 // element e of a row of one head, of type type (f16 or the LO types)
@@ -57,6 +60,15 @@ static __device__ __forceinline__ float arkv_load(const char * row, const int ty
         default:
             return 0.0f; // excluded by arkv_attn_partial_supported
     }
+}
+
+// the sum of x over the ARKV_L lanes of a key's group (every lane of the warp takes part)
+static __device__ __forceinline__ float arkv_group_sum(float x) {
+#pragma unroll
+    for (int offset = ARKV_L/2; offset > 0; offset >>= 1) {
+        x += __shfl_xor_sync(0xffffffff, x, offset);
+    }
+    return x;
 }
 
 struct arkv_rows {
@@ -87,7 +99,8 @@ static __device__ __forceinline__ T * arkv_part_chunk(T * part, int64_t n_rows, 
     return part + c*n_rows*(D + 2);
 }
 
-template <int RMAX> // R = n_tok*G <= RMAX rows per block; their V sums stay in registers
+// RMAX >= R = n_tok*G rows per block: their V sums stay in registers; EMAX >= D/ARKV_L: a key's elements per lane
+template <int RMAX, int EMAX>
 static __global__ void arkv_attn_partial_kernel(const arkv_partial_args a) {
     const int c    = blockIdx.x;
     const int hk   = blockIdx.y;
@@ -127,21 +140,25 @@ static __global__ void arkv_attn_partial_kernel(const arkv_partial_args a) {
     const int64_t j0 = (int64_t) a.n_kv*c/a.n_chunk;
     const int64_t j1 = (int64_t) a.n_kv*(c + 1)/a.n_chunk;
     float * probs = arkv_part_chunk(a.part, n_rows, D, a.n_chunk);
-    const int nd = D / WARP_SIZE;
+    const int ne  = D / ARKV_L; // elements of a key per lane in the logits
+    const int sub = lane % ARKV_L;
 
     for (int64_t jt = j0; jt < j1; jt += ARKV_KT) {
         const int nt = (int) (j1 - jt < ARKV_KT ? j1 - jt : ARKV_KT);
 
-        // 1. logits: one warp per key, each lane holding D/32 of its elements
-        for (int jj = warp; jj < nt; jj += n_warps) {
-            const int64_t j = jt + jj;
+        // 1. logits: ARKV_L lanes per key, ARKV_KPW keys per warp at once; lane `sub` of a key holds its elements
+        //    sub, sub + ARKV_L, ... (a group's lanes read adjacent bytes of a row, and adjacent floats of q)
+        for (int jj0 = warp*ARKV_KPW; jj0 < nt; jj0 += n_warps*ARKV_KPW) {
+            const int  jj    = jj0 + lane/ARKV_L;
+            const bool valid = jj < nt; // past the tile's end: the lanes still take part in the sums
+            const int64_t j  = jt + (valid ? jj : 0);
             const bool is_lo = j < a.n_lo;
             const arkv_rows & rs = is_lo ? a.lo : a.o;
             const char * k_row = rs.k + (is_lo ? j : j - a.n_lo)*rs.k_nb1 + hk*rs.head;
-            float kv[ARKV_D_MAX/WARP_SIZE];
+            float kv[EMAX];
 #pragma unroll
-            for (int i = 0; i < ARKV_D_MAX/WARP_SIZE; ++i) {
-                kv[i] = i < nd ? arkv_load(k_row, rs.type, lane + WARP_SIZE*i) : 0.0f;
+            for (int i = 0; i < EMAX; ++i) {
+                kv[i] = i < ne ? arkv_load(k_row, rs.type, i*ARKV_L + sub) : 0.0f;
             }
             bool any = false;
             for (int t = 0; t < a.n_tok; ++t) {
@@ -150,18 +167,16 @@ static __global__ void arkv_attn_partial_kernel(const arkv_partial_args a) {
                                            : ((const float *) mrow)[a.start + j];
                 for (int g = 0; g < G; ++g) {
                     const int lr = t*G + g;
-                    float val = -INFINITY;
-                    if (m != -INFINITY) {
-                        float dot = 0.0f;
+                    float dot = 0.0f;
 #pragma unroll
-                        for (int i = 0; i < ARKV_D_MAX/WARP_SIZE; ++i) {
-                            if (i < nd) {
-                                dot += kv[i]*qs[lr*D + lane + WARP_SIZE*i];
-                            }
+                    for (int i = 0; i < EMAX; ++i) {
+                        if (i < ne) {
+                            dot += kv[i]*qs[lr*D + i*ARKV_L + sub];
                         }
-                        val = warp_reduce_sum(dot)*a.scale + m;
                     }
-                    if (lane == 0) {
+                    dot = arkv_group_sum(dot); // a hidden key's (a NaN padding row's) sum is never used
+                    if (valid && sub == 0) {
+                        const float val = m == -INFINITY ? -INFINITY : dot*a.scale + m;
                         s[lr*ARKV_KT + jj] = val;
                         if (t >= a.sel0) {
                             probs[((int64_t) (t - a.sel0)*a.n_head + hk*G + g)*a.n_kv + j] = val;
@@ -170,7 +185,7 @@ static __global__ void arkv_attn_partial_kernel(const arkv_partial_args a) {
                 }
                 any = any || m != -INFINITY;
             }
-            if (lane == 0) {
+            if (valid && sub == 0) {
                 vis[jj] = any;
             }
         }
@@ -272,6 +287,20 @@ static bool arkv_attn_partial_supported(const ggml_tensor * op) {
     return true;
 }
 
+// the partial kernel for R rows per block, with RMAX the next of 4, 8, 16, 32
+template <int EMAX, typename L>
+static void arkv_attn_partial_launch(int R, dim3 grid, dim3 block, size_t smem, const arkv_partial_args & a, L && launch) {
+    if (R <= 4) {
+        launch(arkv_attn_partial_kernel<4, EMAX>, grid, block, smem, a);
+    } else if (R <= 8) {
+        launch(arkv_attn_partial_kernel<8, EMAX>, grid, block, smem, a);
+    } else if (R <= 16) {
+        launch(arkv_attn_partial_kernel<16, EMAX>, grid, block, smem, a);
+    } else {
+        launch(arkv_attn_partial_kernel<32, EMAX>, grid, block, smem, a);
+    }
+}
+
 // launch(kernel, grid, block, smem bytes, args) runs kernel<<<grid, block, smem>>>(args) (on the backend's stream)
 template <typename L>
 static void arkv_attn_partial_run(ggml_tensor * dst, L && launch) {
@@ -319,14 +348,10 @@ static void arkv_attn_partial_run(ggml_tensor * dst, L && launch) {
     const dim3 grid(p->n_chunk, H);
     const size_t smem = (size_t) (R*D + R*ARKV_KT + 3*R + ARKV_KT)*sizeof(float);
     const dim3 block(D);
-    if (R <= 4) {
-        launch(arkv_attn_partial_kernel<4>, grid, block, smem, a);
-    } else if (R <= 8) {
-        launch(arkv_attn_partial_kernel<8>, grid, block, smem, a);
-    } else if (R <= 16) {
-        launch(arkv_attn_partial_kernel<16>, grid, block, smem, a);
+    if (D <= 16*ARKV_L) {
+        arkv_attn_partial_launch<16>(R, grid, block, smem, a, launch);
     } else {
-        launch(arkv_attn_partial_kernel<32>, grid, block, smem, a);
+        arkv_attn_partial_launch<ARKV_D_MAX/ARKV_L>(R, grid, block, smem, a, launch);
     }
 }
 
