@@ -352,9 +352,8 @@ def section_decode(depth: int, n_gen: int, caches: list[tuple[str, str]] = DECOD
                    profile: bool = False) -> list[dict[str, Any]]:
     """Steady-state decode tok/s on the bench model (no plan during the timing): the f16 and
     q4_0 caches, and quant/arkv at 25% through the fused kernels (auto), the segments and the
-    dequant paths. With
-    `profile`, the timed tokens run under PyTorch's profiler (CUPTI sees every kernel of the
-    process, ggml's too): where a token's device time goes."""
+    dequant paths. With `profile`, the timed tokens run under PyTorch's profiler (CUPTI sees
+    every kernel of the process, ggml's too): where a token's device time goes."""
     import functools
 
     from .. import llama as arkv_llama

@@ -52,9 +52,9 @@ def plan_layer(lv: LayerView, score: np.ndarray, ratio: float, budget: Budget, r
 
 
 def spill_to_o(quantize: bool, ratio: float) -> bool:
-    """Whether spilled rows may come back into O slots: for a policy without Q, and in a layer
-    kept in f16 (ratio 1, as ARKV's highest-scoring layer), whose Q slots are at most what the O
-    pool leaves over; else they come back into Q (and never in such a layer)."""
+    """Whether spilled rows may come back into O slots: with a policy without Q, and in a layer
+    kept in f16 (ratio 1, as ARKV's highest-scoring layer), which has at most the few Q slots
+    the O pool leaves over. Otherwise they come back into Q."""
     return not quantize or ratio >= 1.0
 
 
