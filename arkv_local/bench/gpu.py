@@ -229,16 +229,49 @@ def section_plan() -> list[dict[str, Any]]:
     return rows
 
 
-def section_sched(out: Path) -> dict[str, Any]:
-    """GGML_SCHED_DEBUG=2 over a decode after a quantizing plan: nodes not on CUDA, by op."""
-    code = ("from arkv_local.bench.gpu import plan_logits, tiny; "
-            "plan_logits(tiny('llama-192'), 99, True, 'auto')")
-    env = dict(os.environ, GGML_SCHED_DEBUG="2", ARKV_GPU_VERBOSE="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    (out / "gpu_sched.log").write_text(r.stderr[-4_000_000:])
+SCHED_CASES = {
+    # a decode after a per-head quantizing plan (no spill): the attention's nodes
+    "decode": "plan_logits(tiny('llama-192'), 99, True, 'auto')",
+    # a prompt 7x the budget: plans that spill to host memory and bring rows back, a recall pass
+    # over the spilled rows, then decoding: what each graph copies between host and device
+    "spill": "spill_read(tiny('llama-192'))",
+}
+
+
+def spill_read(path: str) -> None:
+    """arkv at a budget of 128 tokens reads 900 (plans move rows to and from the spill; the
+    prompt ends with a recall pass), then decodes 8 tokens."""
+    from .. import Llama
+
+    llm = Llama(path, kv_policy="arkv", kv_budget=128, n_ctx=1024, n_gpu_layers=99,
+                flash_attn=True, verbose=os.environ.get("ARKV_GPU_VERBOSE") == "1")
+    toks = tokens_for(llm, 908)
+    llm.eval(toks[:900])
+    for t in toks[900:]:
+        llm.eval([t])
+    assert llm.kv_stats().n_recalls == 1, "the prompt was to end with a recall pass"
+    llm.close()
+
+
+def _mib(size: str) -> float:
+    """fmt_size's "12M" / "340K" as MiB."""
+    return float(size[:-1]) / (1 if size.endswith("M") else 1024)
+
+
+def sched_summary(log: str) -> dict[str, Any]:
+    """GGML_SCHED_DEBUG=2's assignments: nodes, the fused attention's nodes on CUDA, nodes off
+    CUDA by op (with example names), and the splits' inputs (what the scheduler copies to the
+    split's backend before it runs) in MiB per backend, summed over every graph computed."""
     off: dict[str, list[str]] = {}  # "OP on BACKEND" -> node names
-    n_nodes = n_custom = 0
-    for line in r.stderr.splitlines():
+    copied: dict[str, float] = {}
+    n_nodes = n_custom = n_splits = 0
+    for line in log.splitlines():
+        if line.startswith("## SPLIT #"):
+            n_splits += 1
+            backend = line.split(": ", 1)[1].split(" #", 1)[0]
+            sizes = [part.rsplit("(", 1)[1].split(")")[0].strip()
+                     for part in line.split("[")[1:]]
+            copied[backend] = copied.get(backend, 0.0) + sum(_mib(x) for x in sizes if x)
         if not line.startswith("node #"):
             continue
         n_nodes += 1
@@ -248,8 +281,22 @@ def section_sched(out: Path) -> dict[str, Any]:
         if not backend.startswith("CUDA"):
             name = line.split(":", 1)[1].split("(")[0].strip()
             off.setdefault(f"{op} on {backend}", []).append(name)
-    return dict(rc=r.returncode, nodes=n_nodes, custom_on_cuda=n_custom, not_on_cuda={
-        k: f"{len(v)} nodes, e.g. {', '.join(sorted(set(v))[:4])}" for k, v in off.items()})
+    return dict(nodes=n_nodes, splits=n_splits, custom_on_cuda=n_custom,
+                inputs_mib={k: round(v, 1) for k, v in copied.items()},
+                not_on_cuda={k: f"{len(v)} nodes, e.g. {', '.join(sorted(set(v))[:4])}"
+                             for k, v in off.items()})
+
+
+def section_sched(out: Path) -> dict[str, Any]:
+    """GGML_SCHED_DEBUG=2 over each of SCHED_CASES: where the nodes ran, what crossed."""
+    env = dict(os.environ, GGML_SCHED_DEBUG="2", ARKV_GPU_VERBOSE="1")
+    res = {}
+    for case, call in SCHED_CASES.items():
+        code = f"from arkv_local.bench.gpu import plan_logits, spill_read, tiny; {call}"
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        (out / f"gpu_sched_{case}.log").write_text(r.stderr[-4_000_000:])
+        res[case] = dict(rc=r.returncode, **sched_summary(r.stderr))
+    return res
 
 
 def section_reference() -> dict[str, Any]:
@@ -348,12 +395,66 @@ PROFILE_CACHES = [("full", ""), ("q4_0", ""), ("quant", "auto"), ("quant", "segm
                   ("arkv", "auto"), ("arkv", "segments")]
 
 
+def timed_phases(llm: Any) -> dict[str, float]:
+    """Seconds a Llama under a policy spends, from now on, in its policy's plans (Python) and in
+    applying them (the graphs that move rows); the rest of a read is llama.cpp's graphs (the
+    recall pass's included). The counters are filled in as it runs."""
+    import functools
+
+    spent = {"plan_py_s": 0.0, "apply_s": 0.0}
+    tailor = llm._tailor
+    if tailor is None:
+        return spent
+
+    def timer(fn: Any, key: str) -> Any:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return run
+
+    policy = tailor.policy
+    policy.plan = timer(policy.plan, "plan_py_s")  # instance attributes: this object only
+    policy.drop_plan = timer(policy.drop_plan, "plan_py_s")
+    tailor.kv.apply = timer(tailor.kv.apply, "apply_s")
+    return spent
+
+
+def read_prompt(llm: Any, toks: list[int], profile: bool) -> dict[str, Any]:
+    """Read a prompt and say where its time went: the policy's plans, applying them, the recall
+    pass, llama.cpp's graphs; with `profile`, also the device's kernels and copies."""
+    spent = timed_phases(llm)
+    n_plans = llm.kv_stats().n_tailorings if llm._tailor else 0
+    prof = _profiler() if profile else None
+    if prof:
+        prof.__enter__()
+    t0 = time.perf_counter()
+    llm.eval(toks)
+    dt = time.perf_counter() - t0
+    if prof:
+        prof.__exit__(None, None, None)
+    row: dict[str, Any] = dict(prefill=round(len(toks) / dt, 1), prefill_s=round(dt, 3))
+    if llm._tailor:
+        st = llm.kv_stats()
+        row.update(plans=st.n_tailorings - n_plans, recalls=st.n_recalls,
+                   recall_s=round(st.recall_seconds, 3),
+                   **{k: round(v, 3) for k, v in spent.items()},
+                   graphs_s=round(dt - sum(spent.values()), 3))
+    if prof:
+        row["device"] = device_profile(prof, 1)
+    return row
+
+
 def section_decode(depth: int, n_gen: int, caches: list[tuple[str, str]] = DECODE_CACHES,
                    profile: bool = False) -> list[dict[str, Any]]:
     """Steady-state decode tok/s on the bench model (no plan during the timing): the f16 and
     q4_0 caches, and quant/arkv at 25% through the fused kernels (auto), the segments and the
-    dequant paths. With `profile`, the timed tokens run under PyTorch's profiler (CUPTI sees
-    every kernel of the process, ggml's too): where a token's device time goes."""
+    dequant paths; and where the prompt's time went (read_prompt). With `profile`, the prompt
+    (of the first row of each policy) and the timed tokens run under PyTorch's profiler (CUPTI
+    sees every kernel of the process, ggml's too): where a token's device time goes."""
     import functools
 
     from .. import llama as arkv_llama
@@ -362,6 +463,7 @@ def section_decode(depth: int, n_gen: int, caches: list[tuple[str, str]] = DECOD
 
     model = bench_model()
     rows = []
+    profiled = set()
     for policy, attn in caches:
         common: dict[str, Any] = dict(n_ctx=depth + 512, n_gpu_layers=99, flash_attn=True,
                                       n_batch=2048, verbose=False)
@@ -372,7 +474,9 @@ def section_decode(depth: int, n_gen: int, caches: list[tuple[str, str]] = DECOD
         arkv_llama.MemoryParams = functools.partial(MemoryParams, attn=attn or "auto")
         llm = arkv_llama.Llama(model, **common)
         toks = bench_text_tokens(llm, depth + n_gen + 8)
-        llm.eval(toks[:depth])
+        # the prompt path does not depend on attn: one profile of it per policy
+        read = read_prompt(llm, toks[:depth], profile and policy not in profiled)
+        profiled.add(policy)
         for t in toks[depth:depth + 8]:
             llm.eval([t])  # warm-up: the decode graph is built
         n_plans = llm.kv_stats().n_tailorings
@@ -389,7 +493,8 @@ def section_decode(depth: int, n_gen: int, caches: list[tuple[str, str]] = DECOD
                          ms_per_token=round(1000 * dt / n_gen, 2),
                          plans_during=llm.kv_stats().n_tailorings - n_plans))
         if prof:
-            rows[-1].update(per_token(prof, n_gen))
+            rows[-1]["device"] = device_profile(prof, n_gen)
+        rows[-1]["prompt"] = read
         print(json.dumps(rows[-1]), flush=True)
         llm.close()
     arkv_llama.MemoryParams = MemoryParams
@@ -403,9 +508,10 @@ def _profiler() -> Any:
     return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
 
-def per_token(prof: Any, n_gen: int, top: int = 12) -> dict[str, Any]:
-    """A profile as per-token numbers: device ms, kernels, launches and graph launches (CUDA
-    graphs in use or not), and the kernels that take the most device time."""
+def device_profile(prof: Any, n: int, top: int = 12) -> dict[str, Any]:
+    """A profile per unit of n (decoded tokens, or 1 prompt): device ms (kernels and copies),
+    of it the copies (Memcpy/Memset), kernels, launches and graph launches (CUDA graphs in use
+    or not), and the kernels and copies that take the most device time."""
     kernels, host = [], {}
     for e in prof.key_averages():
         dev_us = getattr(e, "self_device_time_total", None)
@@ -418,14 +524,16 @@ def per_token(prof: Any, n_gen: int, top: int = 12) -> dict[str, Any]:
     kernels.sort(reverse=True)
 
     def calls(*names: str) -> float:  # the runtime's and the driver's names, any version suffix
-        return sum(n for k, n in host.items() if k.startswith(names)) / n_gen
+        return sum(c for k, c in host.items() if k.startswith(names)) / n
 
-    return dict(device_ms_per_token=round(sum(k[0] for k in kernels) / 1000 / n_gen, 3),
-                kernels_per_token=round(sum(k[1] for k in kernels) / n_gen, 1),
-                launches_per_token=round(calls("cudaLaunchKernel", "cuLaunchKernel"), 1),
-                graph_launches_per_token=round(calls("cudaGraphLaunch", "cuGraphLaunch"), 2),
-                top=[dict(kernel=name[:90], per_token=round(n / n_gen, 1),
-                          us_per_token=round(us / n_gen, 1)) for us, n, name in kernels[:top]])
+    copies = [k for k in kernels if k[2].startswith(("Memcpy", "Memset"))]
+    return dict(ms=round(sum(k[0] for k in kernels) / 1000 / n, 3),
+                copies_ms=round(sum(k[0] for k in copies) / 1000 / n, 3),
+                kernels=round(sum(k[1] for k in kernels) / n, 1),
+                launches=round(calls("cudaLaunchKernel", "cuLaunchKernel"), 1),
+                graph_launches=round(calls("cudaGraphLaunch", "cuGraphLaunch"), 2),
+                top=[dict(kernel=name[:90], calls=round(c / n, 1), us=round(us / n, 1))
+                     for us, c, name in kernels[:top]])
 
 
 def main(argv: list[str] | None = None) -> int:
