@@ -129,6 +129,25 @@ void llama_kv_cache_arkv::plan_inputs::set() const {
     }
 }
 
+ggml_tensor * llama_kv_cache_arkv::plan_inputs::place(ggml_tensor * node, const ggml_tensor * t) {
+    const ggml_tensor * base = t->view_src ? t->view_src : t;
+    GGML_ASSERT(base->buffer);
+    placed.emplace_back(node, base->buffer);
+    return node;
+}
+
+void llama_kv_cache_arkv::plan_inputs::place_all(ggml_backend_sched_t sched) const {
+    for (const auto & [node, buf] : placed) {
+        for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+            ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
+            if (ggml_backend_supports_buft(b, ggml_backend_buffer_get_type(buf))) {
+                ggml_backend_sched_set_tensor_backend(sched, node, b);
+                break;
+            }
+        }
+    }
+}
+
 // a layer's K (v = false) or V pool, by llama_arkv_pool
 ggml_tensor * llama_kv_cache_arkv::pool_of(const layer & l, int pool, bool v) const {
     switch (pool) {
@@ -203,23 +222,36 @@ void llama_kv_cache_arkv::build_plan_moves(ggml_context * ctx, ggml_cgraph * gf,
         // chain of set_rows (one row copy each; a chain of concats copied every row gathered so far at each step, on
         // one thread: 190 ms of a 4k-token prefill plan). A node, not a new tensor: the graph allocator keeps a
         // leaf for the whole graph, so every layer's staging would be live at once.
+        // Placed by hand: gathers where their pool lies, the staging beside the arena. Left to the scheduler, a
+        // gather from the spill in host memory ran on the device and copied the whole spill there, once per move
+        // from it, and the staging could land on the CPU, copying whole device pools to the host.
+        ggml_tensor * arena = kv ? lo.v_arena : lo.k_arena;
         ggml_tensor * staging = nullptr;
         for (size_t i = 0; i < moves.size(); ++i) {
-            ggml_tensor * g = ggml_get_rows(ctx, rows(pool_of(lo, moves[i].from, kv)), moves[i].src_idx);
+            ggml_tensor * pool = pool_of(lo, moves[i].from, kv);
+            ggml_tensor * g = in.place(ggml_get_rows(ctx, rows(pool), moves[i].src_idx), pool);
             last_s = moves[i].from == LLAMA_ARKV_POOL_S ? g : last_s;
             const int64_t n = moves[i].src_idx->ne[0];
             if (i == 0) {
-                staging = moves.size() == 1 ? g : ggml_pad(ctx, g, 0, (int) (n_staged - n), 0, 0);
+                staging = moves.size() == 1 ? g : in.place(ggml_pad(ctx, g, 0, (int) (n_staged - n), 0, 0), arena);
             } else {
-                staging = ggml_set_rows(ctx, staging, g, ggml_view_1d(ctx, staged_idx, n, offs[i]*ggml_element_size(staged_idx)));
+                staging = in.place(ggml_set_rows(ctx, staging, g, ggml_view_1d(ctx, staged_idx, n, offs[i]*ggml_element_size(staged_idx))),
+                                   arena);
             }
         }
-        for (size_t i = 0; i < moves.size(); ++i) {
-            const int64_t n = moves[i].src_idx->ne[0];
-            ggml_tensor * part = ggml_view_2d(ctx, staging, D, n, staging->nb[1], offs[i]*staging->nb[1]);
-            ggml_tensor * scatter = ggml_set_rows(ctx, rows(pool_of(ln, moves[i].to, kv)), part, moves[i].dst_idx);
-            last_s = moves[i].to == LLAMA_ARKV_POOL_S ? scatter : last_s;
-            ggml_build_forward_expand(gf, scatter);
+        // scatters into the arena first, then into S: one switch of backend per arena, not one per move
+        for (const bool to_s : { false, true }) {
+            for (size_t i = 0; i < moves.size(); ++i) {
+                if ((moves[i].to == LLAMA_ARKV_POOL_S) != to_s) {
+                    continue;
+                }
+                const int64_t n = moves[i].src_idx->ne[0];
+                ggml_tensor * pool = pool_of(ln, moves[i].to, kv);
+                ggml_tensor * part = ggml_view_2d(ctx, staging, D, n, staging->nb[1], offs[i]*staging->nb[1]);
+                ggml_tensor * scatter = in.place(ggml_set_rows(ctx, rows(pool), part, moves[i].dst_idx), pool);
+                last_s = to_s ? scatter : last_s;
+                ggml_build_forward_expand(gf, scatter);
+            }
         }
     }
     // kv_spill="disk": this layer's pages of the spill file leave the process once its rows moved, so that a plan
@@ -263,6 +295,7 @@ llama_kv_cache_arkv::graph_status llama_kv_cache_arkv::compute_update_graph(llam
     const std::string fail_at = fail ? fail : "";
     auto * sched = lctx->get_sched();
     ggml_backend_sched_reset(sched);
+    in.place_all(sched);
     if (fail_at == "alloc" || !ggml_backend_sched_alloc_graph(sched, gf)) {
         return GRAPH_NOT_ALLOCATED;
     }

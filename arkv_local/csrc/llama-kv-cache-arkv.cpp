@@ -245,8 +245,9 @@ void llama_kv_cache_arkv::alloc_spill(const llama_cparams & cparams) {
         // would otherwise grow RSS page by page as new slots are first written
         ggml_backend_buffer_clear(buf_spill.get(), 0);
     }
-    // as weights: the scheduler runs the ops that read or write S where S lies (the CPU), so that only
-    // the rows a recall pass dequantizes or a plan brings back ever reach the device
+    // as weights: the scheduler runs an op that reads S itself (not a view of it: a view has no buffer yet when
+    // the graph is split) where S lies. Plan graphs place their gathers from S by hand (plan_inputs::place); a
+    // recall pass's read of the rows in use copies those rows (4-bit) to the device
     ggml_backend_buffer_set_usage(buf_spill.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     for (auto & l : layers) {
         ggml_backend_tensor_memset(l.acc_s, 0, 0, ggml_nbytes(l.acc_s));

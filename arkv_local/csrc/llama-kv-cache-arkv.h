@@ -256,12 +256,19 @@ private:
         ggml_context * ctx;
         std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> idxs; // converted to the tensor's type when set
         std::vector<std::pair<ggml_tensor *, std::vector<float>>> f32s;
+        // nodes to run beside the buffer they read or write (see place()); the scheduler's own choice follows node
+        // order, and may copy whole pools between host and device
+        std::vector<std::pair<ggml_tensor *, ggml_backend_buffer_t>> placed;
 
         // I32 or I64 [data.size()]; nullptr if empty
         ggml_tensor * make(ggml_type type, std::vector<int64_t> data);
         // F32 [ne0, data.size()/ne0]
         ggml_tensor * make_f32(int64_t ne0, std::vector<float> data);
         void set() const;
+        // the node runs on the first backend (in the scheduler's order: devices before the CPU) that can use the
+        // buffer of t: an op over the spill in host memory on the CPU, one over a device's pools on that device
+        ggml_tensor * place(ggml_tensor * node, const ggml_tensor * t);
+        void place_all(ggml_backend_sched_t sched) const;
     };
 
     const llama_model & model;
