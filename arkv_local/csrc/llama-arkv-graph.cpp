@@ -287,7 +287,7 @@ void llama_kv_cache_arkv::build_store(ggml_context * ctx0, ggml_cgraph * gf, con
                                       const layer & l, uint32_t ikv, ggml_tensor * k_cur, ggml_tensor * v_cur,
                                       ggml_tensor ** k_o, ggml_tensor ** v_o) const {
     const int64_t n_tokens = k_cur->ne[2];
-    ggml_tensor * idxs = ggml_view_1d(ctx0, inp->self_k_idxs, n_tokens, ikv*n_tokens*ggml_element_size(inp->self_k_idxs));
+    ggml_tensor * idxs = ggml_view_1d(ctx0, inp->near.k_idxs, n_tokens, ikv*n_tokens*ggml_element_size(inp->near.k_idxs));
     for (int i = 0; i < 2; ++i) {
         ggml_tensor * cur = i == 0 ? k_cur : v_cur;
         GGML_ASSERT(ggml_row_size(cur->type, head_dim_) == cur->nb[1]);
@@ -317,7 +317,8 @@ ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const
         return ggml_view_3d(ctx0, pool_o, D, H, v.n_o_pad, ggml_row_size(pool_o->type, D), pool_o->nb[1], 0);
     }
     const int64_t n_kv = v.n_lo + v.n_s + v.n_o_pad + v.n_tail;
-    GGML_ASSERT(inp->lo_arange->ne[0] >= n_kv);
+    ggml_tensor * arange = inp->near.lo_arange;
+    GGML_ASSERT(arange->ne[0] >= n_kv);
     ggml_tensor * kv = ggml_new_tensor_2d(ctx0, GGML_TYPE_F16, D*H, n_kv);
     int64_t row = 0;
     auto place = [&](ggml_tensor * pool, int64_t n) { // the pool's first n rows, at rows [row, row + n)
@@ -325,8 +326,8 @@ ggml_tensor * llama_kv_cache_arkv::build_read_dequant(ggml_context * ctx0, const
             return;
         }
         ggml_tensor * rows = ggml_get_rows(ctx0, ggml_view_2d(ctx0, pool, D*H, n, pool->nb[1], 0),
-                                           ggml_view_1d(ctx0, inp->lo_arange, n, 0));
-        kv = ggml_set_rows(ctx0, kv, rows, ggml_view_1d(ctx0, inp->lo_arange, n, row*ggml_element_size(inp->lo_arange)));
+                                           ggml_view_1d(ctx0, arange, n, 0));
+        kv = ggml_set_rows(ctx0, kv, rows, ggml_view_1d(ctx0, arange, n, row*ggml_element_size(arange)));
         row += n;
     };
     place(pool_lo, v.n_lo);
@@ -448,8 +449,8 @@ ggml_tensor * llama_kv_cache_arkv::build_attn_segments(ggml_context * ctx0, ggml
     }
 
     // masks: every LO row is older than the ubatch (all visible), padding rows hidden; O rows as the layer's window
-    ggml_tensor * m_lo = ggml_view_2d(ctx0, inp->lo_mask, v.n_lo_pad, n_tokens, inp->lo_mask->nb[1],
-                                     (inp->lay.n_lo_max - v.n_lo)*ggml_element_size(inp->lo_mask));
+    ggml_tensor * m_lo = ggml_view_2d(ctx0, inp->near.lo_mask, v.n_lo_pad, n_tokens, inp->near.lo_mask->nb[1],
+                                     (inp->lay.n_lo_max - v.n_lo)*ggml_element_size(inp->near.lo_mask));
     ggml_tensor * m_o = ggml_view_2d(ctx0, mask, v.n_o_pad, n_tokens, mask->nb[1], v.n_lo*ggml_element_size(mask));
     // copies, also of one row: ggml-cuda's flash attention takes its GQA-optimized kernels only for masks whose
     // strides are multiples of 16 bytes, and reads them from an aligned start (a window of the shared mask is neither)
@@ -483,6 +484,21 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
     // a recall pass scores all its queries (the question), whatever the policy reads otherwise
     const int64_t n_sel = inp->lay.recall ? n_tokens : std::min<int64_t>(n_tokens, params.n_score_queries);
 
+    if (!inp->near.k_idxs) { // the first layer: the inputs' copies beside its pools (see near), the same for all
+        ggml_backend_t b = gctx.sched ? llama_arkv_backend_for(gctx.sched, l.k_arena->buffer) : nullptr;
+        auto near = [&](ggml_tensor * t) -> ggml_tensor * {
+            if (!t) {
+                return nullptr;
+            }
+            ggml_tensor * c = ggml_cont(ctx0, t);
+            if (b && ggml_backend_supports_op(b, c)) {
+                ggml_backend_sched_set_tensor_backend(gctx.sched, c, b);
+            }
+            return c;
+        };
+        inp->near = { near(inp->self_k_idxs), near(inp->self_kq_mask), near(inp->lo_arange), near(inp->lo_mask) };
+    }
+
     ggml_tensor * k_o;
     ggml_tensor * v_o;
     build_store(ctx0, gf, inp, l, ikv, k_cur, v_cur, &k_o, &v_o);
@@ -504,7 +520,7 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
                                  : std::clamp<int64_t>(n_kv/64, 1, std::clamp<int64_t>(512/n_tokens, 8, 64));
         ggml_tensor * out = llama_arkv_attn_cpu(ctx0, q_cur, { l.k_lo, l.v_lo, n_sel ? l.acc_lo : nullptr },
                                                 { l.k_s, l.v_s, n_sel ? l.acc_s : nullptr },
-                                                { k_o, v_o, n_sel ? l.acc_o : nullptr }, inp->self_kq_mask, ap);
+                                                { k_o, v_o, n_sel ? l.acc_o : nullptr }, inp->near.kq_mask, ap);
         if (!l.dev_fused || (ggml_backend_dev_supports_op(l.dev_fused, out->src[0]) &&
                              ggml_backend_dev_supports_op(l.dev_fused, out))) {
             if (v.n_s > 0 && spill_map) {
@@ -517,7 +533,7 @@ ggml_tensor * llama_kv_cache_arkv::build_kv(llm_graph_context & gctx, llm_graph_
 
     // this layer's window of the shared mask (the mask ops need it contiguous)
     const int64_t n_read = path == ATTN_SEGMENTS ? n_kv : n_kv + v.n_tail;
-    ggml_tensor * mask = inp->self_kq_mask;
+    ggml_tensor * mask = inp->near.kq_mask;
     if (v.start != 0 || n_read != mask->ne[0]) {
         mask = ggml_cont(ctx0, ggml_view_2d(ctx0, mask, n_read, n_tokens, mask->nb[1], v.start*ggml_element_size(mask)));
     }

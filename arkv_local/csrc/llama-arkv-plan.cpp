@@ -138,14 +138,20 @@ ggml_tensor * llama_kv_cache_arkv::plan_inputs::place(ggml_tensor * node, const 
 
 void llama_kv_cache_arkv::plan_inputs::place_all(ggml_backend_sched_t sched) const {
     for (const auto & [node, buf] : placed) {
-        for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
-            ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
-            if (ggml_backend_supports_buft(b, ggml_backend_buffer_get_type(buf))) {
-                ggml_backend_sched_set_tensor_backend(sched, node, b);
-                break;
-            }
+        if (ggml_backend_t b = llama_arkv_backend_for(sched, buf)) {
+            ggml_backend_sched_set_tensor_backend(sched, node, b);
         }
     }
+}
+
+ggml_backend_t llama_arkv_backend_for(ggml_backend_sched_t sched, ggml_backend_buffer_t buf) {
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+        ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
+        if (ggml_backend_supports_buft(b, ggml_backend_buffer_get_type(buf))) {
+            return b;
+        }
+    }
+    return nullptr;
 }
 
 // a layer's K (v = false) or V pool, by llama_arkv_pool

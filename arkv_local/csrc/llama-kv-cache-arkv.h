@@ -354,6 +354,9 @@ private:
     llama_pos pos_min_slow() const;
 };
 
+// the first backend of the scheduler (devices before the CPU) that can use buf: where an op over it needs no copy
+ggml_backend_t llama_arkv_backend_for(ggml_backend_sched_t sched, ggml_backend_buffer_t buf);
+
 // the attention input when the memory is ours: idxs of new rows, the shared mask, rotations
 class llm_graph_input_attn_kv_arkv : public llm_graph_input_attn_kv {
 public:
@@ -366,6 +369,13 @@ public:
 
     ggml_tensor * lo_arange = nullptr; // I32 [n_deq_max]: 0, 1, ... (the dequant path's gathers and placements)
     ggml_tensor * lo_mask   = nullptr; // F16 [n_lo_max + lo_pad_max, n_tokens]: the LO rows' mask (segments path)
+
+    // what the layers read of the inputs above (self_k_idxs, self_kq_mask, lo_arange, lo_mask): one copy of each
+    // per graph, placed beside the pools (llama_kv_cache_arkv::build_kv). A view of an input itself is a separate
+    // input of its split, copied from the host layer by layer: a mask window per layer, n_tokens x n_mask each
+    struct {
+        ggml_tensor * k_idxs = nullptr, * kq_mask = nullptr, * lo_arange = nullptr, * lo_mask = nullptr;
+    } near;
 
     llama_kv_cache_arkv::layout lay; // what the graph was built for
 
