@@ -16,7 +16,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from . import defaults
+from . import arkv_cpp, defaults
 from .memory import MemoryParams, TriStateKV, armed, quant_slot_bytes
 from .models import ModelShape, check_gguf, default_model_path, gguf_load_errors, model_shape
 from .policies import KV_POLICIES, Policy, make_policy
@@ -41,7 +41,8 @@ class Llama(llama_cpp.Llama):
         positions run to the trained limit (to llama_cpp's 512 with logits_all=True, whose
         logits buffer grows with the window).
     kv_budget: KV memory as the number of tokens an f16 cache would hold (default: n_ctx if
-        given, else 512); or kv_budget_bytes: KV bytes over all layers.
+        given, else 512); or kv_budget_bytes: KV bytes over all layers. At most n_ctx tokens'
+        worth when n_ctx is given (the window never holds more).
     kv_window, kv_sinks, kv_slack: newest tokens kept in f16 (32), first tokens kept in f16
         (4), slots freed per tailoring (64, or 1/64 of the budget when larger: a plan's cost
         grows with the budget, so that decoding pays a like share for plans at any size).
@@ -92,6 +93,13 @@ class Llama(llama_cpp.Llama):
                      "kv_spill_bytes"):
             _check_count(name, self._knobs[name])
         _check_count("kv_observe", kv_observe, optional=False)
+        if not isinstance(kv_rotate, bool):
+            raise TypeError(f"kv_rotate must be True or False, got {kv_rotate!r}")
+        n_ctx_arg = kwargs.get("n_ctx", 0)
+        if isinstance(n_ctx_arg, bool) or not isinstance(n_ctx_arg, numbers.Integral) \
+                or n_ctx_arg < 0:
+            raise ValueError(f"n_ctx must be a number of tokens >= 0 (0: the model's trained "
+                             f"length), got {n_ctx_arg!r}")
         path = default_model_path() if model_path is None else check_gguf(model_path)
         policy = make_policy(kv_policy, window=kv_window, sinks=kv_sinks, slack=kv_slack,
                              tau=arkv_tau, gamma=arkv_gamma)
@@ -125,6 +133,10 @@ class Llama(llama_cpp.Llama):
         n_ctx = kwargs.get("n_ctx", 512) or shape.n_ctx_train  # llama_cpp: 0 is the trained limit
         layer_bytes = _layer_budget(shape.f16_slot_bytes, shape.n_layer, kv_budget,
                                     kv_budget_bytes, n_ctx)
+        if "n_ctx" in kwargs:  # the window (n_ctx, rounded up to 256 as llama.cpp does) holds
+            # at most that many tokens: bytes past them would never serve
+            most = max(-(-n_ctx // 256) * 256, policy.min_budget_tokens()) * shape.f16_slot_bytes
+            layer_bytes = min(layer_bytes, most)
         if kv_slack is None and isinstance(kv_policy, str):
             policy.slack = defaults.slack_for(layer_bytes // shape.f16_slot_bytes)
         if layer_bytes < policy.min_budget_tokens() * shape.f16_slot_bytes:
@@ -405,10 +417,19 @@ class Llama(llama_cpp.Llama):
         session = self._tailor.session
         before = session.snapshot()
         session.restore(saved)  # checks it first: nothing has changed if it raises
+        arkv_cpp.llama_arkv_clear_error()
         try:
             super().load_state(state)
-        except BaseException:
+        except BaseException as e:
+            # llama_cpp set its Python side to the state's, llama.cpp may have read part of it:
+            # start over empty rather than answer from a cache the tokens do not describe
+            self.n_tokens = 0
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
             session.restore(before)
+            why = arkv_cpp.llama_arkv_last_error().decode()
+            if why and isinstance(e, RuntimeError):
+                raise RuntimeError(f"the state was not loaded: {why}; the cache was "
+                                   "cleared") from e
             raise
 
     def __getstate__(self) -> dict[str, Any]:

@@ -26,6 +26,9 @@ class Session:
 
     policy: Policy
     n_layer: int
+    # what the cache's rows depend on, by the knob that sets it (kv_budget_bytes, kv_quant,
+    # kv_rotate): a state is loaded only into a cache made alike
+    memory: dict[str, Any] = field(default_factory=dict)
     stats: np.ndarray | None = field(default=None, init=False)  # (n_layer, 3), once measured
     ratios: np.ndarray = field(init=False)  # per layer, the O share of the last plan
     measuring: bool = field(init=False)     # the first prompt's statistics are still to come
@@ -54,7 +57,7 @@ class Session:
         """Everything above as plain data (json.dumps-able; arrays bit for bit)."""
         return {
             "format": FORMAT, "version": VERSION, "policy": self.policy.name,
-            "n_layer": self.n_layer,
+            "n_layer": self.n_layer, "memory": self.memory,
             "stats": None if self.stats is None else array_to_data(self.stats),
             "ratios": array_to_data(self.ratios), "measuring": self.measuring,
             "n_tailorings": self.n_tailorings,
@@ -75,6 +78,10 @@ class Session:
             raise ValueError(
                 f"the state was saved under kv_policy {data['policy']!r} with {data['n_layer']} "
                 f"layers, not kv_policy {self.policy.name!r} with {self.n_layer}")
+        for knob, value in data.get("memory", {}).items():  # (older snapshots have none)
+            if self.memory.get(knob) != value:
+                raise ValueError(f"the state was saved with {knob}={value!r}, this Llama has "
+                                 f"{knob}={self.memory.get(knob)!r}: load it into one made alike")
         stats = None if data["stats"] is None else array_from_data(data["stats"])
         ratios = array_from_data(data["ratios"])
         if ratios.shape != (self.n_layer,) or (stats is not None and

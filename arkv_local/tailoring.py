@@ -55,7 +55,9 @@ class Tailor:
         self.kv = kv
         self.threads = threads
         self.params = params
-        self.session = Session(policy, kv.n_layer)
+        self.session = Session(policy, kv.n_layer, {
+            "kv_budget_bytes": params.budget_bytes * kv.n_layer, "kv_quant": params.quant,
+            "kv_rotate": params.rotate})
         self.budget = Budget(params.budget_bytes, kv.slot_bytes_o, kv.slot_bytes_q,
                              cap_s=params.cap_s)
         self.group = n_head // kv.n_head_kv

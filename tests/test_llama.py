@@ -14,6 +14,7 @@ import pytest
 
 import arkv_local
 from arkv_local import arkv_cpp
+from arkv_local.models import model_shape
 
 PROMPT = "The three most common uses of a hash map in a compiler are"
 COMMON = dict(n_ctx=512, n_threads=2, n_batch=64, seed=0, logits_all=True, verbose=False)
@@ -73,6 +74,32 @@ def test_a_count_that_is_not_an_integer_is_named(smollm2: Path, knob: str, value
     # before the model loads; a string or a float reached ctypes, or a comparison, unnamed
     with pytest.raises(TypeError, match=f"{knob} must be an integer, got {value!r}"):
         arkv_local.Llama(smollm2, kv_policy="arkv", **{knob: value}, verbose=False)
+
+
+def test_kv_rotate_and_n_ctx_must_be_what_they_say(smollm2: Path) -> None:
+    with pytest.raises(TypeError, match="kv_rotate must be True or False, got 'no'"):
+        arkv_local.Llama(smollm2, kv_policy="arkv", kv_rotate="no", verbose=False)
+    with pytest.raises(ValueError, match="n_ctx must be a number of tokens >= 0.*got -1"):
+        arkv_local.Llama(smollm2, kv_policy="arkv", n_ctx=-1, verbose=False)
+
+
+def test_a_budget_past_the_window_takes_only_the_windows_memory(smollm2: Path) -> None:
+    # kv_budget=65536 with n_ctx=512 reserved 1.4 GiB of which 512 tokens' worth could be used
+    shape = model_shape(smollm2)
+    slot = shape.f16_slot_bytes * shape.n_layer  # a token in f16, all layers
+    big = arkv_local.Llama(smollm2, kv_policy="arkv", n_ctx=512, kv_budget=65536, verbose=False)
+    same = arkv_local.Llama(smollm2, kv_policy="arkv", n_ctx=512, kv_budget=512, verbose=False)
+    assert big.kv_stats().bytes_budget == same.kv_stats().bytes_budget <= 512 * slot
+    for llm in (big, same):
+        llm.close()
+    by_bytes = arkv_local.Llama(smollm2, kv_policy="arkv", n_ctx=512, kv_budget_bytes=1 << 30,
+                                verbose=False)
+    assert by_bytes.kv_stats().bytes_budget <= 512 * slot
+    by_bytes.close()
+    # no n_ctx: positions run to the trained length, which the budget may well hold
+    free = arkv_local.Llama(smollm2, kv_policy="arkv", kv_budget=4096, verbose=False)
+    assert free.kv_stats().bytes_budget > 4000 * slot
+    free.close()
 
 
 def test_llama_cpp_imported_first_loads_our_library(smollm2: Path) -> None:

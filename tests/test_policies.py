@@ -278,6 +278,16 @@ def test_policy_errors_name_the_problem() -> None:
         make_policy("full", window=8)
     assert make_policy("full") is None
     assert isinstance(make_policy("arkv", gamma=0.8, tau=(0.1, 0.3, 0.6)), ARKV)
+    # not numbers, or not finite: NaN scores in every plan (gamma), a raw TypeError (tau)
+    for gamma in (float("nan"), float("inf"), -0.5, "0.8", True):
+        with pytest.raises(ValueError, match=f"gamma must be a finite number >= 0, got {gamma!r}"):
+            make_policy("arkv", gamma=gamma)
+        with pytest.raises(ValueError, match="gamma must be a finite number"):
+            make_policy("h2o", gamma=gamma)
+    for tau in ("abc", (1.0, "2", 3.0), (1.0, float("inf"), 1.0), (1.0, float("nan"), 1.0), 5):
+        with pytest.raises(ValueError, match="arkv tau must be three positive numbers"):
+            make_policy("arkv", tau=tau)
+    assert make_policy("h2o", gamma=0).gamma == 0
 
 
 def test_budget_arithmetic_by_hand() -> None:

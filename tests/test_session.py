@@ -97,6 +97,50 @@ def test_load_state_refuses_another_policys_state(tiny: str) -> None:
     assert full.n_tokens == 50
 
 
+@pytest.mark.parametrize("knob, mine, theirs", [
+    ("kv_rotate", False, True), ("kv_quant", "q4_0", "q8_0"), ("kv_budget", 160, 192)])
+def test_load_state_refuses_a_cache_made_otherwise_before_anything_changes(
+        tiny: str, knob: str, mine: object, theirs: object) -> None:
+    # rows rotated or not, of another type, in arenas of another size: read as this cache's they
+    # are garbage (a rotated state loaded silently into kv_rotate=False gave logits off by 22)
+    saved_by = Llama(tiny, kv_policy="arkv", **{**SMALL, knob: theirs})
+    saved_by.eval(text(1, 300))
+    state = saved_by.save_state()
+    llm = Llama(tiny, kv_policy="arkv", logits_all=True, **{**SMALL, knob: mine})
+    llm.eval(text(2, 250))
+    before, logits = llm.kv_stats(), llm.scores[249].copy()
+    name = "kv_budget_bytes" if knob == "kv_budget" else knob
+    with pytest.raises(ValueError, match=f"saved with {name}=.*this Llama has {name}="):
+        llm.load_state(state)
+    assert llm.kv_stats() == before and llm.n_tokens == 250
+    np.testing.assert_array_equal(llm.scores[249], logits)
+    # a state without the Python side's record of them (the C API's, or an older save): the
+    # memory refuses it and says why; the object starts over empty, not half the saved state's
+    del state.session["memory"]
+    with pytest.raises(RuntimeError, match=f"not loaded: the saved ARKV state.*\\({knob}\\)"
+                                           ".*cache was cleared"):
+        llm.load_state(state)
+    assert llm.n_tokens == 0 and llm.kv_stats().n_tokens == 0
+    fresh = Llama(tiny, kv_policy="arkv", logits_all=True, **{**SMALL, knob: mine})
+    for x in (llm, fresh):
+        x.eval(text(2, 250))
+    np.testing.assert_array_equal(llm.scores[249], fresh.scores[249])
+
+
+def test_load_state_refused_for_its_spilled_rows_leaves_a_usable_object(tiny: str) -> None:
+    # the spill's size is not part of what a state must match, only whether its rows fit
+    big = Llama(tiny, kv_policy="arkv", **SMALL)
+    big.eval(text(1, 900))
+    state = big.save_state()
+    assert sum(layer.n_s for layer in big.kv_stats().layers) > 0
+    small = Llama(tiny, kv_policy="arkv", kv_spill_bytes=4096, **SMALL)
+    small.eval(text(2, 100))
+    with pytest.raises(RuntimeError, match="spilled rows per layer.*kv_spill.*cache was cleared"):
+        small.load_state(state)
+    assert small.n_tokens == 0
+    assert small("x", max_tokens=2, temperature=0)["choices"]  # usable, from an empty cache
+
+
 def test_states_pickle_as_data_for_the_disk_cache(tiny: str) -> None:
     llm = Llama(tiny, kv_policy=ema_arkv(), **SMALL)
     llm.eval(text(1, 400))
@@ -208,7 +252,7 @@ def test_slack_follows_the_budget_unless_given() -> None:
     # it, so that the room a plan frees leaves budget for past tokens; a knob or a policy object
     # given keeps its own
     path = tiny_model_path("llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
-    kw = dict(kv_policy="arkv", n_ctx=512, verbose=False)
+    kw = dict(kv_policy="arkv", n_ctx=20480, verbose=False)  # a window that holds each budget
     assert defaults.slack_for(4096) == 64 and defaults.slack_for(8192) == 128
     assert [defaults.slack_for(b) for b in (256, 255, 128, 48, 3)] == [64, 63, 32, 12, 1]
     for budget, slack, want in ((1024, None, 64), (4096, None, 64), (20000, None, 312),

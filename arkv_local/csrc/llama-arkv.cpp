@@ -65,6 +65,10 @@ const char * llama_arkv_last_error(void) {
     return g_arkv_error.c_str();
 }
 
+void llama_arkv_clear_error(void) {
+    g_arkv_error.clear();
+}
+
 static llama_kv_cache_arkv * arkv_of(const llama_context * ctx) {
     return ctx ? dynamic_cast<llama_kv_cache_arkv *>(llama_get_memory(ctx)) : nullptr;
 }

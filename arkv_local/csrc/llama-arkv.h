@@ -74,6 +74,8 @@ extern "C" {
 
     // why the last ARKV call failed (also a refused model), or ""
     LLAMA_API const char * llama_arkv_last_error(void);
+    // set it to "": before a llama.cpp call that may fail in ARKV's part or before it (llama_state_set_data)
+    LLAMA_API void llama_arkv_clear_error(void);
 
     // the context's ARKV shape; -1 when its memory is not ARKV
     LLAMA_API int32_t llama_arkv_n_layer  (const struct llama_context * ctx);

@@ -698,7 +698,14 @@ bool llama_kv_cache_arkv::get_stats(float * out) const {
 //
 
 static constexpr uint32_t ARKV_STATE_MAGIC   = 0x564b5241; // "ARKV"
-static constexpr uint32_t ARKV_STATE_VERSION = 3; // 2: with the score accumulators; 3: with the spilled rows
+static constexpr uint32_t ARKV_STATE_VERSION = 4; // 2: with the score accumulators; 3: with the spilled rows;
+                                                   // 4: with the rotation (read: 3 too, its rotation unchecked)
+
+// a saved state this cache cannot take: the reason, for llama_arkv_last_error too (llama.cpp logs the exception only)
+[[noreturn]] static void arkv_state_refuse(const std::string & why) {
+    llama_arkv_set_error(why);
+    throw std::runtime_error(why);
+}
 
 // one layer: its layout, positions, rows and the scores since the last plan (the next plan decides with them)
 void llama_kv_cache_arkv::state_write_layer(llama_io_write_i & io, const layer & l) const {
@@ -741,7 +748,8 @@ void llama_kv_cache_arkv::state_write(llama_io_write_i & io, llama_seq_id seq_id
                              "(or decode) before saving the state");
         throw std::runtime_error(std::string("ARKV: ") + llama_arkv_last_error());
     }
-    const uint32_t hdr[] = { ARKV_STATE_MAGIC, ARKV_STATE_VERSION, n_layer(), n_head_kv_, head_dim_, (uint32_t) params.type_q };
+    const uint32_t hdr[] = { ARKV_STATE_MAGIC, ARKV_STATE_VERSION, n_layer(), n_head_kv_, head_dim_, (uint32_t) params.type_q,
+                             (uint32_t) rot_k | (uint32_t) rot_v << 1 };
     io.write(hdr, sizeof(hdr));
     const uint64_t arena = arena_bytes;
     io.write(&arena, sizeof(arena));
@@ -761,11 +769,11 @@ void llama_kv_cache_arkv::state_read_layer(llama_io_read_i & io, ggml_context * 
     io.read(counts, sizeof(counts));
     const uint32_t cap_o = counts[0];
     if (cap_o < 1 || (size_t) cap_o*row_bytes_o() > arena_bytes || counts[1] > cap_o || counts[2] > cap_lo_for(cap_o)) {
-        throw std::runtime_error("the saved ARKV state has an invalid layout");
+        arkv_state_refuse("the saved ARKV state has an invalid layout");
     }
     if (counts[3] > l.cap_s) {
-        throw std::runtime_error("the saved ARKV state holds " + std::to_string(counts[3]) + " spilled rows per layer; "
-                                 "this cache spills at most " + std::to_string(l.cap_s));
+        arkv_state_refuse("the saved ARKV state holds " + std::to_string(counts[3]) + " spilled rows per layer; "
+                          "this cache spills at most " + std::to_string(l.cap_s) + " (kv_spill, kv_spill_bytes)");
     }
     place_pools(ctx, l, cap_o);
     std::fill(l.pos_o.begin(), l.pos_o.end(), -1);
@@ -804,16 +812,32 @@ void llama_kv_cache_arkv::state_read_layer(llama_io_read_i & io, ggml_context * 
 void llama_kv_cache_arkv::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
     GGML_UNUSED(flags);
     GGML_ASSERT(seq_id <= 0);
-    uint32_t hdr[6];
-    io.read(hdr, sizeof(hdr));
+    uint32_t hdr[7] = {};
+    io.read(hdr, 6*sizeof(uint32_t));
+    if (hdr[0] != ARKV_STATE_MAGIC || (hdr[1] != 3 && hdr[1] != ARKV_STATE_VERSION)) {
+        arkv_state_refuse("the saved state is not an ARKV cache state of version 3 or " + std::to_string(ARKV_STATE_VERSION));
+    }
+    const uint32_t rot = (uint32_t) rot_k | (uint32_t) rot_v << 1;
+    if (hdr[1] >= 4) {
+        io.read(&hdr[6], sizeof(uint32_t));
+    }
     uint64_t arena = 0;
     io.read(&arena, sizeof(arena));
-    if (hdr[0] != ARKV_STATE_MAGIC || hdr[1] != ARKV_STATE_VERSION) {
-        throw std::runtime_error("the saved state is not an ARKV cache state of version " + std::to_string(ARKV_STATE_VERSION));
+    if (hdr[2] != n_layer() || hdr[3] != n_head_kv_ || hdr[4] != head_dim_) {
+        arkv_state_refuse("the saved ARKV state was made with another model (layers, KV heads or head size differ)");
     }
-    if (hdr[2] != n_layer() || hdr[3] != n_head_kv_ || hdr[4] != head_dim_ || hdr[5] != (uint32_t) params.type_q ||
-        arena != arena_bytes) {
-        throw std::runtime_error("the saved ARKV state was made with another model, quant type or budget");
+    if (hdr[5] != (uint32_t) params.type_q) {
+        const char * saved = hdr[5] < GGML_TYPE_COUNT ? ggml_type_name((ggml_type) hdr[5]) : "unknown";
+        arkv_state_refuse(std::string("the saved ARKV state holds ") + saved + " rows, this cache " +
+                          ggml_type_name(params.type_q) + " (kv_quant)");
+    }
+    if (arena != arena_bytes) {
+        arkv_state_refuse("the saved ARKV state was made with a budget of " + std::to_string(2*arena) + " bytes per layer, "
+                          "this cache has " + std::to_string(2*arena_bytes) + " (kv_budget)");
+    }
+    if (hdr[1] >= 4 && hdr[6] != rot) {
+        arkv_state_refuse(std::string("the saved ARKV state's rows were ") + (hdr[6] ? "" : "not ") + "rotated, this cache's are" +
+                          (rot ? "" : " not") + " (kv_rotate)");
     }
     llama_pos p[2];
     io.read(p, sizeof(p));

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import KVView
+from .base import KVView, is_real
 from .heavy_hitter import HeavyHitter
 from .scores import oq_ratios
 
@@ -34,8 +34,9 @@ class ARKV(HeavyHitter):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.tau) != 3 or not all(t > 0 for t in self.tau):
-            raise ValueError(f"arkv tau must be three positive numbers, got {self.tau}")
+        tau = tuple(self.tau) if isinstance(self.tau, (tuple, list)) else ()
+        if len(tau) != 3 or not all(is_real(t) and 0 < t < np.inf for t in tau):
+            raise ValueError(f"arkv tau must be three positive numbers, got {self.tau!r}")
 
     def ratios(self, view: KVView) -> np.ndarray:
         rho = oq_ratios(view.stats, self.tau)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,12 @@ from .. import defaults
 from .planner import drop_rows, plan_layer
 from .scores import heavy_hitter, share_of_max, spread_by_position, token_peaks
 from .types import Budget, KVView, LayerPlan, LayerView
+
+
+def is_real(x: object) -> bool:
+    """A real number, not a bool and not NaN: what a policy's numeric knobs must be."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and x == x
+
 
 __all__ = ["Budget", "KVView", "LayerPlan", "LayerView", "Policy"]
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import KVView, Policy
+from .base import KVView, Policy, is_real
 from .scores import heavy_hitter, smooth_by_position
 from .types import array_from_data, array_to_data
 
@@ -38,6 +38,8 @@ class HeavyHitter(Policy):
         super().__post_init__()
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not is_real(self.gamma) or not 0.0 <= self.gamma < np.inf:
+            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
 
     def reset(self) -> None:
         self._past, self._undo = [], []
