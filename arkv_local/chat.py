@@ -110,6 +110,7 @@ class Chat:
     llm: Llama
     args: argparse.Namespace
     out: TextIO = sys.stdout
+    err: TextIO | None = None  # where a turn's refusal goes (None: out); --prompt: stderr
     messages: list[dict[str, str]] = field(default_factory=list)
     turns: Turns | None = field(init=False, default=None)
 
@@ -152,8 +153,9 @@ class Chat:
                                                  temperature=args.temperature, stream=True)
         return (piece for chunk in chunks if (piece := chunk["choices"][0]["delta"].get("content")))
 
-    def answer(self, user: str, show_status: bool) -> None:
-        """Print the streamed answer (Ctrl-C stops it), then the status line."""
+    def answer(self, user: str, show_status: bool) -> bool:
+        """Print the streamed answer (Ctrl-C stops it), then the status line; False when the
+        turn did not fit the window (said on `err`)."""
         t0 = time.perf_counter()
         n = 0
         pieces = self.stream(user)
@@ -166,11 +168,12 @@ class Chat:
             print(" [stopped]", end="", file=self.out)
         except ContextWindowExceeded as e:
             print(f"({e}: /reset starts a new conversation, a KV policy goes on past it)",
-                  file=self.out)
-            return
+                  file=self.err or self.out)
+            return False
         print(file=self.out)
         if show_status:
             print(status_line(self.llm.kv_stats(), n, time.perf_counter() - t0), file=self.out)
+        return True
 
     def command(self, line: str) -> bool:
         """Run a /command; False when the chat should end."""
@@ -188,9 +191,13 @@ class Chat:
         elif name in ("/save", "/load", "/plot") and not arg:
             print(f"{name} needs a file name", file=self.out)
         elif name == "/save":
-            state.save(arg, self.messages, self.llm.save_state())
-            print(f"(saved {len(self.messages)} messages and the KV state to {arg})",
-                  file=self.out)
+            try:
+                state.save(arg, self.messages, self.llm.save_state())
+            except OSError as e:  # no such directory, a directory, no permission
+                print(f"cannot save to {arg}: {e.strerror or e}", file=self.out)
+            else:
+                print(f"(saved {len(self.messages)} messages and the KV state to {arg})",
+                      file=self.out)
         elif name == "/load":
             self.load(arg)
         elif name == "/plot":
@@ -200,9 +207,14 @@ class Chat:
                 print("/plot needs matplotlib: pip install matplotlib", file=self.out)
             else:
                 stats = self.llm.kv_stats()
-                plot_layers(stats.layers, f"KV cache after {stats.n_tokens} tokens: "
-                            f"{mib(stats.bytes_used)} (f16: {mib(stats.bytes_f16)})", arg)
-                print(f"(plot saved to {arg})", file=self.out)
+                try:
+                    plot_layers(stats.layers, f"KV cache after {stats.n_tokens} tokens: "
+                                f"{mib(stats.bytes_used)} (f16: {mib(stats.bytes_f16)})", arg)
+                except (OSError, ValueError) as e:  # a path it cannot write, an unknown format
+                    print(f"cannot plot to {arg}: {getattr(e, 'strerror', None) or e}",
+                          file=self.out)
+                else:
+                    print(f"(plot saved to {arg})", file=self.out)
         else:
             print(f"unknown command {name}: /help lists them", file=self.out)
         return True
@@ -266,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     interactive = args.prompt is None and sys.stdin.isatty()
     llm.progress_bar = interactive  # reading a long prompt shows progress
     chat = Chat(llm, args)
-    if args.prompt is not None:
-        chat.answer(args.prompt, show_status=False)
+    if args.prompt is not None:  # stdout is the answer alone; a refusal is an error
+        chat.err = sys.stderr
+        return 0 if chat.answer(args.prompt, show_status=False) else 1
     else:
         chat.run(sys.stdin, interactive)
     return 0

@@ -406,6 +406,7 @@ class Llama(llama_cpp.Llama):
         """As llama_cpp.Llama.load_state; with a policy its Python side comes back too, so that
         it decides with the loaded conversation's numbers (ValueError if the state has none)."""
         saved = getattr(state, "session", None)
+        state = self._fit_state(state)
         if self._tailor is None:
             if saved is not None:  # llama.cpp's cache cannot read a tri-state one
                 raise ValueError(f"the state was saved under kv_policy {saved['policy']!r}, not "
@@ -431,6 +432,23 @@ class Llama(llama_cpp.Llama):
                 raise RuntimeError(f"the state was not loaded: {why}; the cache was "
                                    "cleared") from e
             raise
+
+    def _fit_state(self, state: llama_cpp.LlamaState) -> llama_cpp.LlamaState:
+        """The state with its token and logit arrays sized for this object's window (llama_cpp
+        takes them as saved: a state of a smaller window left input_ids too short for the next
+        eval); ValueError if its tokens do not fit the window."""
+        n = int(state.n_tokens)
+        if n > self.n_ctx():
+            raise ValueError(f"the state holds {n} tokens, more than this Llama's window of "
+                             f"{self.n_ctx()} (n_ctx)")
+        fitted = copy.copy(state)
+        fitted.input_ids = np.zeros(self.n_ctx(), np.intc)
+        fitted.input_ids[:n] = state.input_ids[:n]
+        rows = min(n, self.scores.shape[0])  # llama_cpp writes them to scores[:n]
+        fitted.scores = np.zeros((rows, self.scores.shape[1]), np.single)
+        k = min(rows, len(state.scores))
+        fitted.scores[:k] = state.scores[:k]
+        return fitted
 
     def __getstate__(self) -> dict[str, Any]:
         """As llama_cpp.Llama's (the constructor's arguments) with the KV policy's: a pickled

@@ -256,7 +256,9 @@ async def get_kv() -> dict[str, Any]:
     """kv_stats() of the model served: bytes in use and budget, per layer O/Q/E counts.
     Under the inner model lock only: waiting for the outer one would interrupt a stream."""
     async with lcs_app.llama_inner_lock:
-        llama = lcs_app._llama_proxy()  # type: ignore[misc]
+        # the model loaded now (calling the proxy without a name would load the default one)
+        proxy = lcs_app._llama_proxy
+        llama = getattr(proxy, "_current_model", None) or proxy()  # type: ignore[misc]
         stats = await run_in_threadpool(llama.kv_stats)
     return {"kv_policy": llama.kv_policy, **dataclasses.asdict(stats)}
 

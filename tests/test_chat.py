@@ -91,6 +91,31 @@ def test_one_shot_prints_only_the_answer(smollm2: Path) -> None:
     assert run.stdout.strip() and "[KV" not in run.stdout and "> " not in run.stdout
 
 
+def test_one_shot_past_the_window_fails_on_stderr(smollm2: Path) -> None:
+    run = subprocess.run(CHAT + ["--model", str(smollm2), "--policy", "full", "--ctx", "256",
+                                 "--prompt", "Summarize: " + "The quick brown fox. " * 80],
+                         cwd=REPO, capture_output=True, text=True, timeout=180,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 1 and not run.stdout.strip()
+    assert "exceed context window of 256" in run.stderr
+
+
+def test_save_and_plot_to_a_path_that_cannot_be_written_say_so(quiet_chat: Chat,
+                                                                tmp_path: Path) -> None:
+    # they raised out of the chat, which ended with a traceback: the conversation was lost
+    chat = quiet_chat
+    chat.answer("Name a color.", False)
+    missing = tmp_path / "no" / "such" / "dir" / "talk.arkv"
+    assert f"cannot save to {missing}: No such file or directory" in said(chat, f"/save {missing}")
+    assert f"cannot save to {tmp_path}: Is a directory" in said(chat, f"/save {tmp_path}")
+    assert not missing.exists() and len(chat.messages) == 2
+    pytest.importorskip("matplotlib")
+    assert f"cannot plot to {missing}" in said(chat, f"/plot {missing}")
+    assert f"cannot plot to {tmp_path / 'x.nope'}" in said(chat, f"/plot {tmp_path / 'x.nope'}")
+    chat.answer("Name a fruit.", False)
+    assert len(chat.messages) == 4
+
+
 def test_piped_input_answers_each_line(smollm2: Path) -> None:
     run = subprocess.run(CHAT + SMALL, cwd=REPO, capture_output=True, text=True, timeout=180,
                          input="Name a color.\n/stats\nName a fruit.\n")

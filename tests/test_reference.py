@@ -292,7 +292,7 @@ def run_plan(path: Path, attn: str, counts: list[tuple[int, int]], cap_o: int, s
 
 
 def cache_rows(llm: llama_cpp.Llama, mem: TriStateKV) -> list[dict[str, np.ndarray]]:
-    """Per layer, the rows in use as the sequence state holds them (ARKV state version 3):
+    """Per layer, the rows in use as the sequence state holds them (ARKV state version 4):
     pos_o/pos_q/pos_s (n, H) positions, k_o/v_o (n, H, D) f16, k_q/v_q and k_s/v_s
     (n, H, D/32, 18) Q4_0 blocks."""
     size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
@@ -306,8 +306,8 @@ def cache_rows(llm: llama_cpp.Llama, mem: TriStateKV) -> list[dict[str, np.ndarr
         off += a.nbytes
         return a
 
-    magic, version, n_layer, n_kv, d, _ = take(np.uint32, 6)
-    assert (magic, version) == (0x564B5241, 3), "not the ARKV state format this test reads"
+    magic, version, n_layer, n_kv, d, _, _ = take(np.uint32, 7)  # then the type, the rotation
+    assert (magic, version) == (0x564B5241, 4), "not the ARKV state format this test reads"
     assert (n_layer, n_kv, d) == (mem.n_layer, mem.n_head_kv, mem.head_dim)
     take(np.uint64, 1)  # arena bytes
     take(np.int32, 2)  # pos_max, pos_planned_max

@@ -267,3 +267,28 @@ def test_every_kv_knob_of_llama_is_a_flag() -> None:
     settings = ArkvModelSettings(model="m.gguf", n_ctx=4096, kv_budget=512)
     assert llama_kwargs(settings, {**stock, "n_ctx": 4096}) == {
         **stock, "n_ctx": 4096, "kv_policy": "arkv", "kv_budget": 512}
+
+
+def test_the_kv_endpoint_reports_the_model_loaded_and_loads_none(
+        tmp_path: Path, smollm2: Path) -> None:
+    # with two models in a config file, /v1/kv called the proxy without a name, which closed
+    # the model just used and loaded the default one: stats of the wrong model, and a reload
+    config = {"host": "127.0.0.1", "port": free_port(), "models": [
+        {"model": str(smollm2), "model_alias": "a", "kv_policy": "window", "kv_budget": 256,
+         "verbose": False},
+        {"model": str(smollm2), "model_alias": "b", "kv_policy": "arkv", "kv_budget": 256,
+         "verbose": False}]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, "-m", "arkv_local.server", "--config_file",
+                             str(tmp_path / "config.json")], cwd=tmp_path, env=server_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    srv = Server(proc, f"http://127.0.0.1:{config['port']}")
+    try:
+        srv.wait_until_up(START_TIMEOUT)
+        body = {"model": "b", "prompt": "The capital of France is", "max_tokens": 2}
+        status, _ = srv.post("/v1/completions", json.dumps(body).encode())
+        assert status == 200
+        kv = srv.get_json("/v1/kv")
+        assert kv["kv_policy"] == "arkv" and kv["n_tokens"] > 0  # b, as it was left
+    finally:
+        srv.stop()

@@ -127,6 +127,45 @@ def test_load_state_refuses_a_cache_made_otherwise_before_anything_changes(
     np.testing.assert_array_equal(llm.scores[249], fresh.scores[249])
 
 
+@pytest.mark.parametrize("policy", ["arkv", "full"])
+def test_a_state_loads_into_a_larger_window_and_goes_on_past_the_saved_one(
+        tiny: str, policy: str) -> None:
+    # llama_cpp kept the saved input_ids (512 long): an eval past 512 tokens then raised
+    kw = {"kv_budget": 160} if policy != "full" else {}
+    made = dict(kv_policy=policy, n_threads=2, verbose=False, logits_all=True, **kw)
+    a = Llama(tiny, n_ctx=512, **made)
+    a.eval(text(1, 300))
+    state = a.save_state()
+    b, ref = Llama(tiny, n_ctx=1024, **made), Llama(tiny, n_ctx=1024, **made)
+    b.load_state(state)
+    ref.eval(text(1, 300))
+    for x in (b, ref):
+        x.eval(text(2, 400))
+    assert b.n_tokens == 700 and b.input_ids[:700].tolist() == ref.input_ids[:700].tolist()
+    np.testing.assert_allclose(b.scores[699], ref.scores[699], atol=1e-4)
+    small = Llama(tiny, n_ctx=256, **made)
+    with pytest.raises(ValueError, match="holds 300 tokens, more than this Llama's window of 256"):
+        small.load_state(state)
+    assert small.n_tokens == 0
+
+
+def test_a_state_of_the_previous_format_still_loads(tiny: str) -> None:
+    # version 3 (before the rotation word): /save files of earlier versions load as they are
+    llm = Llama(tiny, kv_policy="arkv", logits_all=True, **SMALL)
+    llm.eval(text(1, 400))
+    state = llm.save_state()
+    raw = bytes(state.llama_state)
+    at = raw.index(b"ARKV")
+    assert raw[at + 4:at + 8] == (4).to_bytes(4, "little")
+    old = raw[:at + 4] + (3).to_bytes(4, "little") + raw[at + 8:at + 24] + raw[at + 28:]
+    state.llama_state, state.llama_state_size = old, len(old)
+    fresh = Llama(tiny, kv_policy="arkv", logits_all=True, **SMALL)
+    fresh.load_state(state)
+    for x in (llm, fresh):
+        x.eval(text(3, 20))
+    np.testing.assert_array_equal(llm.scores[419], fresh.scores[419])
+
+
 def test_load_state_refused_for_its_spilled_rows_leaves_a_usable_object(tiny: str) -> None:
     # the spill's size is not part of what a state must match, only whether its rows fit
     big = Llama(tiny, kv_policy="arkv", **SMALL)

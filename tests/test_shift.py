@@ -297,7 +297,7 @@ def test_shift_matches_rows_computed_at_the_new_positions(arch: str, rotate: boo
 
 
 def relabeled_state(llm: llama_cpp.Llama, mem: TriStateKV, delta: int) -> bytes:
-    """The sequence state (ARKV state version 3) with every position moved by delta and K left
+    """The sequence state (ARKV state version 4) with every position moved by delta and K left
     as it is: what a shift that forgot to rotate K would leave."""
     size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
     buf = (ctypes.c_uint8 * size)()
@@ -311,7 +311,8 @@ def relabeled_state(llm: llama_cpp.Llama, mem: TriStateKV, delta: int) -> bytes:
         pos[pos >= 0] += delta
         return off + 4 * n
 
-    off = positions(8 + 6 * 4 + 8, 2)  # pos_max, pos_planned_max
+    assert np.frombuffer(data, np.uint32, 2, 8).tolist() == [0x564B5241, 4]
+    off = positions(8 + 7 * 4 + 8, 2)  # after the header and arena bytes: pos_max, pos_planned_max
     off += 4
     for _ in range(mem.n_layer):
         _, n_o, n_q, n_s = np.frombuffer(data, np.uint32, 4, off)
